@@ -1,0 +1,3 @@
+from jaxinfer.cli import main
+
+raise SystemExit(main())

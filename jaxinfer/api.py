@@ -1,0 +1,129 @@
+"""The public Python API: `load(source)` returns a `Model` with `logits`, `generate` and `save`."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import checkpoint, model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.generate import GenerationResult, Generator
+from jaxinfer.hf_weights import CheckpointError
+from jaxinfer.params import Params, init_params, param_bytes
+from jaxinfer.sampling import SamplingConfig
+from jaxinfer.tokenizer import Tokenizer
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return jnp.dtype(name)
+
+
+class Model:
+    """A loaded model: configuration, parameters, optional tokenizer, compiled programs."""
+
+    def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None = None,
+                 attention_backend: str = "auto"):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.runtime = model_lib.Runtime(attention_backend=attention_backend)
+        self.dtype = jax.tree.leaves(params)[0].dtype
+        self._generator = Generator(config, self.runtime, cache_dtype=self.dtype)
+        self._logits_fn = jax.jit(functools.partial(model_lib.forward_logits, cfg=config,
+                                                    rt=self.runtime))
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0, dtype="float32", **kwargs) -> "Model":
+        """A model with randomly initialised weights (tests, benchmarks, planning dry-runs)."""
+        return cls(config, init_params(config, jax.random.key(seed), _check_dtype(dtype)), **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.name}, {c.param_count() / 1e6:.1f}M params, {c.n_layers} layers, "
+                f"{c.attention_kind} attention, dtype={self.dtype.name})")
+
+    @property
+    def param_bytes(self) -> int:
+        return param_bytes(self.params)
+
+    def _encode(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts and all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer, and this model has none: "
+                                 "pass token ids (list[list[int]])")
+            return [self.tokenizer.encode(p) for p in prompts]
+        if any(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be all strings or all token-id lists, not a mix")
+        return [[int(t) for t in p] for p in prompts]
+
+    def logits(self, tokens) -> np.ndarray:
+        """tokens int [B, T] -> float32 numpy logits [B, T, vocab] (causal, position 0 first)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}"
+                             f"{tokens.shape}")
+        if tokens.shape[1] == 0 or tokens.shape[1] > self.config.max_context:
+            raise ValueError(f"sequence length {tokens.shape[1]} must be in "
+                             f"[1, {self.config.max_context}] (the model's context)")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        return np.asarray(self._logits_fn(self.params, jnp.asarray(tokens, jnp.int32)))
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 stop_tokens: Sequence[int] | None = None, seed: int = 0) -> GenerationResult:
+        """Generate continuations of ragged prompts (token-id lists, or text with a tokenizer).
+
+        stop_tokens=None stops at the checkpoint's EOS id(s); [] never stops early.
+        """
+        token_prompts = self._encode(prompts)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty)
+        stops = self.config.eos_token_ids if stop_tokens is None else tuple(stop_tokens)
+        bad = [t for t in stops if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"stop token {bad[0]} is outside the vocabulary")
+        result = self._generator.generate(self.params, token_prompts, sampling, max_new_tokens,
+                                          stops, seed)
+        if self.tokenizer is not None:
+            text = [self.tokenizer.decode(t) for t in result.tokens]
+            result = GenerationResult(result.tokens, result.logprobs, result.finish_reasons, text)
+        return result
+
+    def save(self, path: str) -> None:
+        """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly."""
+        checkpoint.save_jaxinfer(path, self.config, self.params,
+                                 self.tokenizer.path if self.tokenizer else None)
+
+
+def load(source: str, dtype="float32", *, attention_backend: str = "auto") -> Model:
+    """Load a Hugging Face checkpoint directory or a jaxinfer (orbax) checkpoint directory.
+
+    dtype applies to HF weights; a jaxinfer checkpoint restores the dtypes it was saved with.
+    """
+    dtype = _check_dtype(dtype)
+    if not os.path.isdir(source):
+        raise CheckpointError(f"checkpoint directory {source!r} does not exist")
+    if checkpoint.is_jaxinfer_checkpoint(source):
+        cfg, params = checkpoint.load_jaxinfer(source)
+    elif checkpoint.is_hf_checkpoint(source):
+        cfg, params = checkpoint.load_hf(source, dtype)
+    else:
+        raise CheckpointError(f"{source} is neither a jaxinfer checkpoint "
+                              f"({checkpoint.JAXINFER_META}) nor a Hugging Face checkpoint "
+                              "(config.json)")
+    return Model(cfg, params, Tokenizer.from_dir(source), attention_backend=attention_backend)

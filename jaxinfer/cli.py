@@ -1,0 +1,85 @@
+"""The `jaxinfer` command line: generate, plan, calibrate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens must be comma-separated ints, got {text!r}")
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text or tokens from a checkpoint")
+    p.add_argument("--model", required=True, help="HF checkpoint dir or jaxinfer checkpoint dir")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
+    prompt.add_argument("--tokens", type=_token_list, action="append",
+                        help="prompt as comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop-tokens", type=_token_list, default=None,
+                   help="comma-separated stop ids (default: the checkpoint's EOS; '' = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "tpu", "gpu"])
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def run_generate(args) -> int:
+    import jaxinfer
+
+    model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
+    prompts = args.prompt if args.prompt is not None else args.tokens
+    result = model.generate(
+        prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens, seed=args.seed)
+    for i in range(len(result.tokens)):
+        text = result.text[i] if result.text is not None else None
+        if args.json:
+            print(json.dumps({"tokens": result.tokens[i], "text": text,
+                              "finish_reason": result.finish_reasons[i],
+                              "logprobs": result.logprobs[i]}))
+        elif text is not None:
+            prefix = args.prompt[i] if args.prompt is not None else ""
+            print(prefix + text)
+        else:
+            print(",".join(map(str, result.tokens[i])))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from partitioning import cli as partitioning_cli
+
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    partitioning_cli.add_plan_parser(sub)
+    partitioning_cli.add_calibrate_parser(sub)
+    return parser
+
+
+HANDLERS = {"generate": run_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from partitioning import cli as partitioning_cli
+
+    handlers = dict(HANDLERS, plan=partitioning_cli.run_plan,
+                    calibrate=partitioning_cli.run_calibrate)
+    args = build_parser().parse_args(argv)
+    try:
+        return handlers[args.command](args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"jaxinfer {args.command}: error: {err}", file=sys.stderr)
+        return 2

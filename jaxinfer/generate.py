@@ -1,0 +1,179 @@
+"""Generation: bucketed prefill, then the whole decode loop as one jitted `lax.while_loop`.
+
+Prompts of a batch are right-padded to a prompt-length bucket and the batch to a batch bucket, so
+varied requests reuse a few compiled programs. Each sequence keeps its own length and stop state,
+and positions are per sequence, so a sequence decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model as model_lib
+from jaxinfer.cache import KVCache
+from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import SamplingConfig, SamplingParams, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_OUTPUT_BUCKET = 8
+
+
+def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
+    """Smallest power of two >= n (and >= minimum), capped at maximum when given (maximum >= n)."""
+    size = max(minimum, 1 << max(0, (n - 1).bit_length()))
+    return size if maximum is None else min(size, maximum)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[list[int]]
+    """Generated token ids per prompt (a stop token that ended generation is included)."""
+    logprobs: list[list[float]]
+    """Log-probability of each generated token under the model's raw distribution."""
+    finish_reasons: list[str]
+    """'stop' (a stop token was generated) or 'length' (max_new_tokens reached), per prompt."""
+    text: list[str] | None = None
+    """Decoded generated text per prompt, when the model has a tokenizer."""
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """Everything the decode loop carries from one step to the next."""
+
+    step: jax.Array          # scalar int32: tokens generated so far (all rows)
+    tokens: jax.Array        # [B, O] int32 generated tokens
+    logprobs: jax.Array      # [B, O] float32
+    done: jax.Array          # [B] bool: row finished (or is batch padding)
+    stopped: jax.Array       # [B] bool: row finished on a stop token
+    num_generated: jax.Array  # [B] int32
+    seen: jax.Array          # [B, V] bool: tokens in prompt or output (repetition penalty)
+    cache: KVCache
+    row_keys: jax.Array      # [B] PRNG keys, one per row
+
+
+def _record(state: SamplingState, tokens, logprobs, stop_ids, max_new) -> SamplingState:
+    """Store the tokens sampled at state.step and update per-row stop conditions."""
+    active = ~state.done
+    col = state.step
+    tokens = jnp.where(active, tokens, 0)
+    new_tokens = state.tokens.at[:, col].set(tokens)
+    new_logprobs = state.logprobs.at[:, col].set(jnp.where(active, logprobs, 0.0))
+    num = state.num_generated + active.astype(jnp.int32)
+    hit_stop = active & jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+    rows = jnp.arange(tokens.shape[0])
+    seen = state.seen.at[rows, tokens].set(state.seen[rows, tokens] | active)
+    done = state.done | hit_stop | (num >= max_new)
+    return state.replace(step=col + 1, tokens=new_tokens, logprobs=new_logprobs, done=done,
+                         stopped=state.stopped | hit_stop, num_generated=num, seen=seen)
+
+
+def _step_keys(state: SamplingState):
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
+
+
+def decode_loop(params, first_logits, state: SamplingState, sp: SamplingParams, stop_ids,
+                max_new, cfg: ModelConfig, rt: model_lib.Runtime) -> SamplingState:
+    """Sample the first token from the prefill logits, then decode until every row is done."""
+    tokens, logprobs = sample(first_logits, state.seen, _step_keys(state), sp)
+    state = _record(state, tokens, logprobs, stop_ids, max_new)
+
+    def cond(carry):
+        state, _ = carry
+        return (state.step < max_new) & ~jnp.all(state.done)
+
+    def body(carry):
+        state, last = carry
+        logits, cache = model_lib.decode_step(params, last, state.cache, cfg, rt)
+        # Finished rows keep their length: they stop growing the cache.
+        cache = cache.replace(lengths=jnp.where(state.done, state.cache.lengths, cache.lengths))
+        state = state.replace(cache=cache)
+        tokens, logprobs = sample(logits, state.seen, _step_keys(state), sp)
+        return _record(state, tokens, logprobs, stop_ids, max_new), tokens
+
+    state, _ = jax.lax.while_loop(cond, body, (state, tokens))
+    return state
+
+
+def _seen_from_prompts(tokens: jax.Array, lengths: jax.Array, vocab: int) -> jax.Array:
+    valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+    return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(valid)
+
+
+class Generator:
+    """Compiled prefill + decode programs for one model, cached per shape bucket."""
+
+    def __init__(self, cfg: ModelConfig, runtime: model_lib.Runtime, cache_dtype):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.cache_dtype = cache_dtype
+        self._prefill = jax.jit(functools.partial(model_lib.prefill, cfg=cfg, rt=runtime),
+                                donate_argnames=("cache",))
+        self._decode = jax.jit(functools.partial(decode_loop, cfg=cfg, rt=runtime),
+                               donate_argnames=("state",))
+
+    def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        cfg = self.cfg
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: at least one token is needed")
+            bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                                 f"[0, {cfg.vocab_size})")
+            if len(prompt) + max_new_tokens > cfg.max_context:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
+                    f"that exceeds the model's context of {cfg.max_context} tokens")
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 max_new_tokens: int, stop_tokens: Sequence[int], seed: int) -> GenerationResult:
+        cfg = self.cfg
+        self.validate(prompts, max_new_tokens)
+        sampling.validate(cfg.vocab_size)
+        n = len(prompts)
+        batch = bucket(n, 1)
+        longest = max(len(p) for p in prompts)
+        t_len = bucket(longest, MIN_PROMPT_BUCKET, cfg.max_context)
+        out_len = bucket(max_new_tokens, MIN_OUTPUT_BUCKET)
+        tokens = np.zeros((batch, t_len), np.int32)
+        lengths = np.ones((batch,), np.int32)  # padding rows: one dummy token
+        for i, prompt in enumerate(prompts):
+            tokens[i, :len(prompt)] = prompt
+            lengths[i] = len(prompt)
+        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+        cache = KVCache.init(cfg, batch, t_len + out_len, self.cache_dtype)
+        first_logits, cache = self._prefill(params, tokens, lengths, cache)
+        base_key = jax.random.key(seed)
+        state = SamplingState(
+            step=jnp.int32(0), tokens=jnp.zeros((batch, out_len), jnp.int32),
+            logprobs=jnp.zeros((batch, out_len), jnp.float32),
+            done=jnp.arange(batch) >= n, stopped=jnp.zeros((batch,), bool),
+            num_generated=jnp.zeros((batch,), jnp.int32),
+            seen=_seen_from_prompts(tokens, lengths, cfg.vocab_size), cache=cache,
+            row_keys=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(batch)))
+        stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+        state = self._decode(params, first_logits, state, sampling.device_params(), stop_ids,
+                             jnp.int32(max_new_tokens))
+        return _to_result(state, n)
+
+
+def _to_result(state: SamplingState, n: int) -> GenerationResult:
+    tokens, logprobs, num, stopped = jax.device_get(
+        (state.tokens, state.logprobs, state.num_generated, state.stopped))
+    return GenerationResult(
+        tokens=[tokens[i, :num[i]].tolist() for i in range(n)],
+        logprobs=[logprobs[i, :num[i]].tolist() for i in range(n)],
+        finish_reasons=["stop" if stopped[i] else "length" for i in range(n)])

@@ -1,0 +1,85 @@
+"""Pure-jnp reference attention: the XLA path and the twin every attention kernel is tested against.
+
+Layouts (see `pallas_kernels.flash_attention` / `decode_attention`):
+  q [B, N, T, H]; k, v [B, K, S, H]; N = K * G (G query heads share one KV head).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite mask value: exp(MASK - max) underflows to 0 without producing NaN on fully-masked rows.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return head_dim ** -0.5
+
+
+def attention_mask(t_len: int, s_len: int, *, causal: bool, lengths: jax.Array | None,
+                   batch: int) -> jax.Array:
+    """Boolean [B, T, S] mask: True where query t may attend key s.
+
+    causal: key s is visible to query t when s <= t + (S - T) (queries are the last T positions).
+    lengths: key s is visible only when s < lengths[b].
+    """
+    t = jnp.arange(t_len)[:, None]
+    s = jnp.arange(s_len)[None, :]
+    mask = jnp.ones((t_len, s_len), bool)
+    if causal:
+        mask = s <= t + (s_len - t_len)
+    mask = jnp.broadcast_to(mask, (batch, t_len, s_len))
+    if lengths is not None:
+        mask = mask & (s[None] < lengths[:, None, None])
+    return mask
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      sm_scale: float) -> jax.Array:
+    """Softmax attention with query heads grouped by KV head; f32 accumulation.
+
+    q [B, N, T, H], k/v [B, K, S, H] (any float dtype), mask [B, T, S] -> [B, N, T, H] float32.
+    Rows with no visible key return zeros.
+    """
+    b, n, t, h = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(b, kv_heads, n // kv_heads, t, h)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * sm_scale
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # [B, K, G, T, S]
+    scores_max = jnp.max(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - scores_max)
+    probs = jnp.where(mask[:, None, None], probs, 0.0)
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = probs / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v.astype(jnp.float32),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, n, t, h)
+
+
+def flash_attention_ref(q, k, v, *, causal=True, lengths=None, sm_scale=None):
+    """Reference for `flash_attention`: q [B, N, T, H], k/v [B, K, S, H] -> [B, N, T, H] (q.dtype)."""
+    sm_scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, lengths=lengths, batch=q.shape[0])
+    return grouped_attention(q, k, v, mask, sm_scale).astype(q.dtype)
+
+
+def dequantize_cache(cache: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """int8 cache [B, K, S, H] with per-token-per-head scales [B, K, S] -> float32; floats pass through."""
+    if scale is None:
+        if jnp.issubdtype(cache.dtype, jnp.integer):
+            raise ValueError("an int8 KV cache needs its scales (k_scale / v_scale)")
+        return cache
+    return cache.astype(jnp.float32) * scale[..., None]
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=None,
+                         sm_scale=None):
+    """Reference for `decode_attention`: q [B, N, H] attends to cache positions < lengths[b]."""
+    sm_scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    k = dequantize_cache(k_cache, k_scale)
+    v = dequantize_cache(v_cache, v_scale)
+    mask = attention_mask(1, k.shape[2], causal=False, lengths=lengths, batch=q.shape[0])
+    out = grouped_attention(q[:, :, None, :], k, v, mask, sm_scale)  # [B, N, 1, H]
+    return out[:, :, 0, :].astype(q.dtype)
