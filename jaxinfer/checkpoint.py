@@ -93,13 +93,22 @@ def load_jaxinfer(path: str) -> tuple[ModelConfig, Params]:
         raise CheckpointError(f"{path}: corrupt model config in {JAXINFER_META}: {err}") from None
     checkpointer = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, "params")
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"cannot restore parameters: {params_dir} does not exist")
     try:
         metadata = checkpointer.metadata(params_dir)
         tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)  # orbax >= 0.11 wraps the tree in TreeMetadata
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
         expected = abstract_params(cfg)
         if jax.tree.structure(target) != jax.tree.structure(expected):
             raise CheckpointError(f"{path}: stored parameter tree does not match its config")
+        for (key, got), want in zip(jax.tree_util.tree_leaves_with_path(target),
+                                    jax.tree.leaves(expected)):
+            if got.shape != want.shape:
+                raise CheckpointError(
+                    f"{path}: parameter {jax.tree_util.keystr(key)} has shape {got.shape}, "
+                    f"which does not match its config (expected {want.shape})")
         params = checkpointer.restore(params_dir, target)
     except CheckpointError:
         raise

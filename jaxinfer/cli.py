@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate, plan, calibrate."""
+"""The `jaxinfer` command line."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "tpu", "gpu"])
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(handler=run_generate)
 
 
 def run_generate(args) -> int:
@@ -58,28 +59,23 @@ def run_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from partitioning import cli as partitioning_cli
+# Each entry adds one subcommand parser and binds its handler with `set_defaults(handler=...)`.
+# Other packages' subcommands (e.g. `partitioning.cli`) are appended here as they land.
+SUBCOMMAND_BUILDERS = (add_generate_parser,)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    partitioning_cli.add_plan_parser(sub)
-    partitioning_cli.add_calibrate_parser(sub)
+    for add_parser in SUBCOMMAND_BUILDERS:
+        add_parser(sub)
     return parser
 
 
-HANDLERS = {"generate": run_generate}
-
-
 def main(argv: list[str] | None = None) -> int:
-    from partitioning import cli as partitioning_cli
-
-    handlers = dict(HANDLERS, plan=partitioning_cli.run_plan,
-                    calibrate=partitioning_cli.run_calibrate)
     args = build_parser().parse_args(argv)
     try:
-        return handlers[args.command](args)
+        return args.handler(args)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"jaxinfer {args.command}: error: {err}", file=sys.stderr)
         return 2
