@@ -61,7 +61,13 @@ def run_generate(args) -> int:
 
 # Each entry adds one subcommand parser and binds its handler with `set_defaults(handler=...)`.
 # Other packages' subcommands (e.g. `partitioning.cli`) are appended here as they land.
-SUBCOMMAND_BUILDERS = (add_generate_parser,)
+def add_bench_parser(sub) -> None:
+    from jaxinfer import bench
+
+    bench.add_bench_parser(sub)
+
+
+SUBCOMMAND_BUILDERS = (add_generate_parser, add_bench_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

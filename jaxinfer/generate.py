@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import flax.struct
@@ -41,6 +42,8 @@ class GenerationResult:
     """'stop' (a stop token was generated) or 'length' (max_new_tokens reached), per prompt."""
     text: list[str] | None = None
     """Decoded generated text per prompt, when the model has a tokenizer."""
+    timings: dict[str, float] | None = None
+    """Wall-clock seconds of this call: 'prefill_s' (prompt + first logits) and 'decode_s'."""
 
 
 @flax.struct.dataclass
@@ -155,7 +158,10 @@ class Generator:
             lengths[i] = len(prompt)
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         cache = KVCache.init(cfg, batch, t_len + out_len, self.cache_dtype)
+        t_start = time.perf_counter()
         first_logits, cache = self._prefill(params, tokens, lengths, cache)
+        first_logits.block_until_ready()
+        t_prefill = time.perf_counter()
         base_key = jax.random.key(seed)
         state = SamplingState(
             step=jnp.int32(0), tokens=jnp.zeros((batch, out_len), jnp.int32),
@@ -167,13 +173,11 @@ class Generator:
         stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
         state = self._decode(params, first_logits, state, sampling.device_params(), stop_ids,
                              jnp.int32(max_new_tokens))
-        return _to_result(state, n)
-
-
-def _to_result(state: SamplingState, n: int) -> GenerationResult:
-    tokens, logprobs, num, stopped = jax.device_get(
-        (state.tokens, state.logprobs, state.num_generated, state.stopped))
-    return GenerationResult(
-        tokens=[tokens[i, :num[i]].tolist() for i in range(n)],
-        logprobs=[logprobs[i, :num[i]].tolist() for i in range(n)],
-        finish_reasons=["stop" if stopped[i] else "length" for i in range(n)])
+        tokens, logprobs, num, stopped = jax.device_get(
+            (state.tokens, state.logprobs, state.num_generated, state.stopped))
+        timings = {"prefill_s": t_prefill - t_start, "decode_s": time.perf_counter() - t_prefill}
+        return GenerationResult(
+            tokens=[tokens[i, :num[i]].tolist() for i in range(n)],
+            logprobs=[logprobs[i, :num[i]].tolist() for i in range(n)],
+            finish_reasons=["stop" if stopped[i] else "length" for i in range(n)],
+            timings=timings)

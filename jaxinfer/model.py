@@ -61,7 +61,12 @@ def _decoder_layer(x, p, positions, cfg: ModelConfig, rt: Runtime, attend, atten
 
 
 def _run_layers(params, x, positions, cfg, rt, attend, attend_carry):
-    """Scan the stacked layers; returns (x, final attend carry, per-layer outputs)."""
+    """Run every layer: a Python loop over per-layer weights (`params.unstack_layers`) or a
+    `lax.scan` over stacked weights [L, ...]; returns (x, final attend carry)."""
+    if isinstance(params["layers"], list):
+        for layer, p in enumerate(params["layers"]):
+            x, attend_carry = _decoder_layer(x, p, positions, cfg, rt, attend, attend_carry, layer)
+        return x, attend_carry
 
     def body(carry, xs):
         x, attend_carry = carry

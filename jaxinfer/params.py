@@ -147,3 +147,30 @@ def check_params(cfg: ModelConfig, params: Params) -> None:
 def param_bytes(params: Params) -> int:
     """Bytes held by all parameter arrays (quantized leaves count their own storage)."""
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def unstack_layers(params: Params) -> Params:
+    """Stacked layer weights [L, ...] -> ``params["layers"]`` as a list of L per-layer trees.
+
+    The unrolled layout gives every layer its own buffers, so a decode step reads each weight once
+    in place; slicing a stacked weight inside a layer scan copies it first on XLA:CPU.
+    """
+    layers = params["layers"]
+    if isinstance(layers, list):
+        return params
+    leaves, treedef = jax.tree.flatten(layers)
+    per_leaf = []
+    for i in range(len(leaves)):
+        per_leaf.append(list(leaves[i]))  # L arrays of the leaf's per-layer shape
+        leaves[i] = None  # drop the stacked copy as soon as it is split
+    n_layers = len(per_leaf[0])
+    per_layer = [jax.tree.unflatten(treedef, [leaf[l] for leaf in per_leaf]) for l in range(n_layers)]
+    return {**params, "layers": per_layer}
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of `unstack_layers`: the canonical stacked layout (checkpoints, `param_specs`)."""
+    layers = params["layers"]
+    if not isinstance(layers, list):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

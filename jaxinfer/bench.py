@@ -1,0 +1,250 @@
+"""Generation benchmark: jaxinfer vs Hugging Face transformers on one random Llama-shaped checkpoint.
+
+Both frameworks run the same checkpoint in one process: greedy decoding, fixed prompt length, a fixed
+number of new tokens (no early stop), warm-up and compilation excluded from the timed runs and
+reported separately. The memory-bandwidth roofline is the bytes one decode step must move (all
+weights + the filled KV cache) divided by the measured read bandwidth of a large matrix-vector product.
+
+`jaxinfer bench` and `scripts/bench_generate.py` both run `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+# About 125M parameters (issue: d_model 768, 12 layers, 12 heads, 4 KV heads, d_ff 2048, vocab 32000).
+BENCH_SHAPE = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   num_key_value_heads=4, intermediate_size=2048, max_position_embeddings=2048)
+
+
+@dataclasses.dataclass
+class Row:
+    """One batch size's figures."""
+
+    batch: int
+    """Number of prompts decoded together."""
+    jax_tok_s: float = float("nan")
+    """jaxinfer decode throughput (generated tokens / decode seconds, all rows)."""
+    hf_tok_s: float = float("nan")
+    """Hugging Face `generate` decode throughput (same definition)."""
+    jax_prefill_tok_s: float = float("nan")
+    """jaxinfer prompt tokens processed per second."""
+    hf_prefill_tok_s: float = float("nan")
+    """Hugging Face prompt tokens per second (one forward over the prompts)."""
+    compile_s: float = float("nan")
+    """jaxinfer first-call time minus a warm call (tracing + XLA compilation)."""
+    jax_peak_mb: float = float("nan")
+    """Peak resident memory during the jaxinfer run (MiB, whole process)."""
+    hf_peak_mb: float = float("nan")
+    """Peak resident memory during the Hugging Face run (MiB, whole process)."""
+    roofline: float = float("nan")
+    """jaxinfer decode step time at the bandwidth bound / measured step time."""
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
+    """Read bytes/s of a matrix-vector product over a `size_mb` float32 matrix.
+
+    That is the decode step's access pattern (every weight read once, tiny activations), far larger
+    than the caches; the best of `repeats` runs.
+    """
+    import jax.numpy as jnp
+
+    cols = 4096
+    w = jnp.ones((size_mb * 2**20 // 4 // cols, cols), jnp.float32)
+    x = jnp.ones((1, w.shape[0]), jnp.float32)
+    gemv = jax.jit(lambda x, w: x @ w)
+    gemv(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gemv(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best
+
+
+def build_checkpoint(path: str, seed: int = 0) -> None:
+    """Write a random Llama checkpoint of `BENCH_SHAPE` (float32 safetensors) to `path`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**BENCH_SHAPE, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def _prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, prompt_len), dtype=np.int64)
+
+
+def run_jaxinfer(path: str, row: Row, prompts: np.ndarray, new_tokens: int,
+                 bandwidth: float, layer_loop: str) -> None:
+    import jaxinfer
+
+    model = jaxinfer.load(path, dtype="float32", layer_loop=layer_loop)
+    token_lists = prompts.tolist()
+    kwargs = dict(max_new_tokens=new_tokens, stop_tokens=[], temperature=0.0)
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    model.generate(token_lists, **kwargs)
+    first = time.perf_counter() - t0
+    res = model.generate(token_lists, **kwargs)
+    t0 = time.perf_counter()
+    res = model.generate(token_lists, **kwargs)
+    warm = time.perf_counter() - t0
+    row.jax_peak_mb = _peak_rss_mb()
+    row.compile_s = first - warm
+    b, t = prompts.shape
+    row.jax_prefill_tok_s = b * t / res.timings["prefill_s"]
+    row.jax_tok_s = b * (new_tokens - 1) / res.timings["decode_s"]
+    step_bytes = model.param_bytes + b * (t + new_tokens // 2) * model.config.kv_bytes_per_token(4)
+    row.roofline = (step_bytes / bandwidth) / (res.timings["decode_s"] / (new_tokens - 1))
+
+
+def run_hf(path: str, row: Row, prompts: np.ndarray, new_tokens: int) -> None:
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.as_tensor(prompts)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=0)
+    _reset_peak_rss()
+    with torch.inference_mode():
+        model.generate(ids, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))  # warm-up
+        t0 = time.perf_counter()
+        model(ids, attention_mask=mask)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    row.hf_peak_mb = _peak_rss_mb()
+    b, t = prompts.shape
+    row.hf_prefill_tok_s = b * t / prefill
+    row.hf_tok_s = b * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+_TTFT_PROGRAM = """
+import sys, time
+import jaxinfer
+model = jaxinfer.load(sys.argv[1], layer_loop=sys.argv[2])
+t0 = time.perf_counter()
+model.generate([list(range(3, 35))], max_new_tokens=1, stop_tokens=[])
+print(time.perf_counter() - t0)
+"""
+
+
+def measure_ttft(path: str, layer_loop: str) -> tuple[float, float]:
+    """Time-to-first-token of a 32-token prompt in a fresh process: (cold, warm persistent cache)."""
+    import subprocess
+    import sys
+
+    times = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, JAXINFER_COMPILATION_CACHE=cache_dir)
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", _TTFT_PROGRAM, path, layer_loop], env=env,
+                                 capture_output=True, text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    return times[0], times[1]
+
+
+def print_table(rows: list[Row], args, bandwidth: float, ttft) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"greedy generation, prompt {args.prompt_len}, {args.new_tokens} new tokens"
+                        f" — {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
+                        f" jax {jax.__version__} ({jax.default_backend()}),"
+                        f" bandwidth {bandwidth / 1e9:.1f} GB/s")
+    for col in ("batch", "jaxinfer tok/s", "HF tok/s", "ratio", "jax prefill tok/s",
+                "HF prefill tok/s", "compile s", "jax peak MiB", "HF peak MiB", "roofline"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.batch), f"{r.jax_tok_s:.1f}", f"{r.hf_tok_s:.1f}",
+                      f"{r.jax_tok_s / r.hf_tok_s:.2f}x", f"{r.jax_prefill_tok_s:.0f}",
+                      f"{r.hf_prefill_tok_s:.0f}", f"{r.compile_s:.1f}", f"{r.jax_peak_mb:.0f}",
+                      f"{r.hf_peak_mb:.0f}", f"{r.roofline:.0%}")
+    console = Console(width=180)
+    console.print(table)
+    if ttft is not None:
+        console.print(f"time to first token, 32-token prompt, fresh process: cold compile "
+                      f"{ttft[0]:.2f} s, warm persistent cache {ttft[1]:.2f} s")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark generation against Hugging Face transformers")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--layer-loop", default="unrolled", choices=["unrolled", "scan"])
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    p.add_argument("--checkpoint", default=None,
+                   help="reuse a checkpoint dir (default: build a random one in a temp dir)")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args) -> int:
+    from rich.progress import Progress
+
+    bandwidth = measure_bandwidth()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
+        path = args.checkpoint or tmp
+        task = progress.add_task("benchmark", total=2 + 2 * len(args.batch))
+        if args.checkpoint is None:
+            progress.update(task, description="building random 125M Llama checkpoint")
+            build_checkpoint(path)
+        progress.advance(task)
+        for b in args.batch:
+            row = Row(batch=b)
+            prompts = _prompts(b, args.prompt_len, BENCH_SHAPE["vocab_size"], seed=b)
+            progress.update(task, description=f"jaxinfer batch {b}")
+            run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop)
+            progress.advance(task)
+            if not args.no_hf:
+                progress.update(task, description=f"transformers batch {b}")
+                run_hf(path, row, prompts, args.new_tokens)
+            progress.advance(task)
+            rows.append(row)
+        progress.update(task, description="time to first token (2 fresh processes)")
+        ttft = measure_ttft(path, args.layer_loop)
+        progress.advance(task)
+    print_table(rows, args, bandwidth, ttft)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    return run_bench(parser.parse_args(["bench", *(argv or [])]))
