@@ -1,0 +1,198 @@
+"""Multi-process (multi-host) start-up over `jax.distributed`, with errors instead of hangs.
+
+Every process runs the same program and calls `initialize` before any other JAX call::
+
+    jaxinfer.distributed.initialize("10.0.0.1:1234", num_processes=4, process_id=i)
+
+Arguments default to the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``, ``JAX_LOCAL_DEVICE_COUNT``); with none of them, JAX's own cluster detection
+(TPU pods, SLURM, Open MPI) decides. On CPU the gloo collectives are selected.
+
+`jax.distributed.initialize` aborts the whole process (a C++ fatal error) when the coordinator is
+unreachable or a process is missing. So before it, the processes meet in a small rendezvous on the
+port after the coordinator's: process 0 listens, every other process connects and states its
+process count and id, and process 0 checks that all agree and that all arrived within `timeout_s`.
+Any disagreement or absence becomes a `DistributedError` naming it, on every process, in bounded time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+
+import jax
+
+
+class DistributedError(RuntimeError):
+    """Processes could not be brought together (unreachable coordinator, mismatched counts, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process sits among all processes of the program."""
+
+    coordinator_address: str
+    """host:port of process 0's coordinator service."""
+    num_processes: int
+    """Total number of processes."""
+    process_id: int
+    """This process's index in [0, num_processes)."""
+
+
+def _from_env(name: str, cast=str):
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return cast(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not a valid "
+                               f"{cast.__name__}") from None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DistributedError(f"coordinator address must be host:port, got {address!r}")
+    return host, int(port)
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.sendall((json.dumps(message) + "\n").encode())
+
+
+def _receive(sock: socket.socket, deadline: float) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return json.loads(data)
+
+
+def _validate_peers(group: ProcessGroup, peers: dict[int, dict]) -> str | None:
+    for pid, hello in peers.items():
+        if hello["num_processes"] != group.num_processes:
+            return (f"process {pid} was started with num_processes={hello['num_processes']}, "
+                    f"process 0 with {group.num_processes}")
+    return None
+
+
+def _rendezvous_leader(group: ProcessGroup, port: int, deadline: float) -> None:
+    server = socket.create_server(("", port), reuse_port=False)
+    connections: list[socket.socket] = []
+    peers: dict[int, dict] = {}
+    error = None
+    try:
+        while len(peers) < group.num_processes - 1 and error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(1, group.num_processes)) - set(peers))
+                error = (f"only {len(peers) + 1} of {group.num_processes} processes joined "
+                         f"within the timeout; missing process ids {missing}")
+                break
+            server.settimeout(remaining)
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            connections.append(conn)
+            hello = _receive(conn, deadline)
+            pid = hello["process_id"]
+            if pid in peers or pid == 0 or not 0 < pid < max(group.num_processes,
+                                                              hello["num_processes"]):
+                error = f"process id {pid} is duplicated or out of range"
+            peers[pid] = hello
+            error = error or _validate_peers(group, peers)
+        reply = {"error": error} if error else {"ok": True}
+        for conn in connections:
+            try:
+                _send(conn, reply)
+            except OSError:
+                pass
+    finally:
+        for conn in connections:
+            conn.close()
+        server.close()
+    if error:
+        raise DistributedError(error)
+
+
+def _rendezvous_follower(group: ProcessGroup, host: str, port: int, deadline: float) -> None:
+    while True:
+        try:
+            sock = socket.create_connection((host, port),
+                                            timeout=max(0.01, deadline - time.monotonic()))
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"process {group.process_id} cannot reach the coordinator at {host}:{port} "
+                    "(rendezvous port, coordinator port + 1) within the timeout: is process 0 "
+                    "running with the same coordinator address?") from None
+            time.sleep(0.2)
+    try:
+        _send(sock, {"num_processes": group.num_processes, "process_id": group.process_id})
+        reply = _receive(sock, deadline)
+    except (OSError, ConnectionError, ValueError) as err:
+        raise DistributedError(f"process {group.process_id}: rendezvous with the coordinator "
+                               f"failed: {err}") from None
+    finally:
+        sock.close()
+    if "error" in reply:
+        raise DistributedError(f"process {group.process_id}: {reply['error']}")
+
+
+def rendezvous(group: ProcessGroup, timeout_s: float) -> None:
+    """Check that all processes agree on the group, within `timeout_s`; raise otherwise."""
+    host, port = _split_address(group.coordinator_address)
+    deadline = time.monotonic() + timeout_s
+    if group.process_id == 0:
+        _rendezvous_leader(group, port + 1, deadline)
+    else:
+        _rendezvous_follower(group, host, port + 1, deadline)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_device_count: int | None = None,
+               timeout_s: float = 60.0) -> ProcessGroup | None:
+    """Join this process to the program's process group; returns the group (None if automatic).
+
+    local_device_count: CPU only, the number of simulated devices this process contributes.
+    """
+    coordinator_address = coordinator_address or _from_env("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes if num_processes is not None else _from_env(
+        "JAX_NUM_PROCESSES", int)
+    process_id = process_id if process_id is not None else _from_env("JAX_PROCESS_ID", int)
+    local_device_count = local_device_count or _from_env("JAX_LOCAL_DEVICE_COUNT", int)
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise DistributedError("coordinator_address, num_processes and process_id must be given "
+                               "together (arguments or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                               "JAX_PROCESS_ID)")
+    if all(given):
+        _split_address(coordinator_address)
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise DistributedError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", local_device_count)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not any(given):
+        jax.distributed.initialize(initialization_timeout=int(timeout_s))
+        return None
+    group = ProcessGroup(coordinator_address, num_processes, process_id)
+    rendezvous(group, timeout_s)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=int(timeout_s))
+    return group
+
+
+def shutdown() -> None:
+    """Leave the process group (idempotent)."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
