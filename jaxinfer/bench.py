@@ -20,6 +20,8 @@ import time
 import jax
 import numpy as np
 
+from jaxinfer import distributed
+
 # About 125M parameters (issue: d_model 768, 12 layers, 12 heads, 4 KV heads, d_ff 2048, vocab 32000).
 BENCH_SHAPE = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=4, intermediate_size=2048, max_position_embeddings=2048)
@@ -210,11 +212,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--checkpoint", default=None,
                    help="reuse a checkpoint dir (default: build a random one in a temp dir)")
+    distributed.add_distributed_args(p)
     p.set_defaults(handler=run_bench)
 
 
 def run_bench(args) -> int:
     from rich.progress import Progress
+
+    distributed.initialize_from_args(args)
 
     bandwidth = measure_bandwidth()
     rows = []

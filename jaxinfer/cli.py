@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from jaxinfer import distributed
+
 
 def _token_list(text: str) -> list[int]:
     try:
@@ -33,10 +35,12 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "tpu", "gpu"])
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    distributed.add_distributed_args(p)
     p.set_defaults(handler=run_generate)
 
 
 def run_generate(args) -> int:
+    distributed.initialize_from_args(args)
     import jaxinfer
 
     model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
@@ -82,6 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError) as err:  # incl. DistributedError
         print(f"jaxinfer {args.command}: error: {err}", file=sys.stderr)
         return 2

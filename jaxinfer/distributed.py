@@ -196,3 +196,26 @@ def shutdown() -> None:
     """Leave the process group (idempotent)."""
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+
+
+def add_distributed_args(parser) -> None:
+    """The multi-process flags shared by `jaxinfer generate` and `jaxinfer bench`."""
+    group = parser.add_argument_group("multi-process (jax.distributed)")
+    group.add_argument("--coordinator", default=None,
+                       help="host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, default=None, help="total processes")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index")
+    group.add_argument("--local-devices", type=int, default=None,
+                       help="CPU only: simulated devices this process contributes")
+    group.add_argument("--distributed-timeout", type=float, default=60.0,
+                       help="seconds to wait for all processes before failing")
+
+
+def initialize_from_args(args) -> ProcessGroup | None:
+    """Call `initialize` when any multi-process flag or environment variable asks for it."""
+    wanted = any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    wanted = wanted or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not wanted:
+        return None
+    return initialize(args.coordinator, args.num_processes, args.process_id,
+                      local_device_count=args.local_devices, timeout_s=args.distributed_timeout)
