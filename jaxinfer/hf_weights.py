@@ -87,38 +87,44 @@ def _in_out(w: np.ndarray, *out_shape: int) -> np.ndarray:
     return w.T.reshape(w.shape[1], *out_shape)
 
 
-def _llama_layer(read: Read, prefix: str, cfg: ModelConfig) -> dict:
+LayerLeaf = Callable[[Read, str], np.ndarray]  # (read, "model.layers.{i}.") -> one layer's leaf
+
+
+def _llama_layer(cfg: ModelConfig) -> dict:
     N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     layer = {
-        "attn_norm": {"scale": read(prefix + "input_layernorm.weight")},
-        "ffn_norm": {"scale": read(prefix + "post_attention_layernorm.weight")},
-        "wq": _in_out(read(prefix + "self_attn.q_proj.weight"), N, H),
-        "wk": _in_out(read(prefix + "self_attn.k_proj.weight"), K, H),
-        "wv": _in_out(read(prefix + "self_attn.v_proj.weight"), K, H),
-        "wo": read(prefix + "self_attn.o_proj.weight").T.reshape(N, H, D),
-        "w_gate": read(prefix + "mlp.gate_proj.weight").T,
-        "w_up": read(prefix + "mlp.up_proj.weight").T,
-        "w_down": read(prefix + "mlp.down_proj.weight").T,
+        "attn_norm": {"scale": lambda r, p: r(p + "input_layernorm.weight")},
+        "ffn_norm": {"scale": lambda r, p: r(p + "post_attention_layernorm.weight")},
+        "wq": lambda r, p: _in_out(r(p + "self_attn.q_proj.weight"), N, H),
+        "wk": lambda r, p: _in_out(r(p + "self_attn.k_proj.weight"), K, H),
+        "wv": lambda r, p: _in_out(r(p + "self_attn.v_proj.weight"), K, H),
+        "wo": lambda r, p: r(p + "self_attn.o_proj.weight").T.reshape(N, H, D),
+        "w_gate": lambda r, p: r(p + "mlp.gate_proj.weight").T,
+        "w_up": lambda r, p: r(p + "mlp.up_proj.weight").T,
+        "w_down": lambda r, p: r(p + "mlp.down_proj.weight").T,
     }
     if cfg.qkv_bias:
-        layer["bq"] = read(prefix + "self_attn.q_proj.bias").reshape(N, H)
-        layer["bk"] = read(prefix + "self_attn.k_proj.bias").reshape(K, H)
-        layer["bv"] = read(prefix + "self_attn.v_proj.bias").reshape(K, H)
+        layer["bq"] = lambda r, p: r(p + "self_attn.q_proj.bias").reshape(N, H)
+        layer["bk"] = lambda r, p: r(p + "self_attn.k_proj.bias").reshape(K, H)
+        layer["bv"] = lambda r, p: r(p + "self_attn.v_proj.bias").reshape(K, H)
     return layer
 
 
-def _falcon_layer(read: Read, prefix: str, cfg: ModelConfig) -> dict:
+def _falcon_layer(cfg: ModelConfig) -> dict:
     N, H, D = cfg.n_heads, cfg.head_dim, cfg.d_model
-    qkv = read(prefix + "self_attention.query_key_value.weight")  # [(N + 2) * H, D]
+
+    def qkv(r: Read, p: str) -> np.ndarray:  # [(N + 2) * H, D]
+        return r(p + "self_attention.query_key_value.weight")
+
     return {
-        "attn_norm": {"scale": read(prefix + "input_layernorm.weight"),
-                      "bias": read(prefix + "input_layernorm.bias")},
-        "wq": _in_out(qkv[:N * H], N, H),
-        "wk": _in_out(qkv[N * H:(N + 1) * H], 1, H),
-        "wv": _in_out(qkv[(N + 1) * H:], 1, H),
-        "wo": read(prefix + "self_attention.dense.weight").T.reshape(N, H, D),
-        "w_up": read(prefix + "mlp.dense_h_to_4h.weight").T,
-        "w_down": read(prefix + "mlp.dense_4h_to_h.weight").T,
+        "attn_norm": {"scale": lambda r, p: r(p + "input_layernorm.weight"),
+                      "bias": lambda r, p: r(p + "input_layernorm.bias")},
+        "wq": lambda r, p: _in_out(qkv(r, p)[:N * H], N, H),
+        "wk": lambda r, p: _in_out(qkv(r, p)[N * H:(N + 1) * H], 1, H),
+        "wv": lambda r, p: _in_out(qkv(r, p)[(N + 1) * H:], 1, H),
+        "wo": lambda r, p: r(p + "self_attention.dense.weight").T.reshape(N, H, D),
+        "w_up": lambda r, p: r(p + "mlp.dense_h_to_4h.weight").T,
+        "w_down": lambda r, p: r(p + "mlp.dense_4h_to_h.weight").T,
     }
 
 
@@ -129,32 +135,65 @@ def _global_names(cfg: ModelConfig) -> dict[str, str]:
     return {"embed": "model.embed_tokens.weight", "norm": "model.norm", "layers": "model.layers."}
 
 
-def _stack(layers: list[dict]) -> dict:
-    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+def _leaf_readers(cfg: ModelConfig) -> Params:
+    """For every parameter leaf, a function (read) -> per-layer arrays (a generator) or an array."""
+    names = _global_names(cfg)
+    layer_leaves = (_falcon_layer if cfg.name == "falcon" else _llama_layer)(cfg)
+    prefixes = [f"{names['layers']}{i}." for i in range(cfg.n_layers)]
+
+    def stacked(leaf: LayerLeaf):
+        # A generator: one layer's tensor is read (and can be sliced and dropped) at a time.
+        return lambda read, layers=None: (leaf(read, prefixes[i])
+                                          for i in (range(cfg.n_layers) if layers is None
+                                                    else layers))
+
+    def single(name: str, transpose: bool = False):
+        return lambda read: read(name).T if transpose else read(name)
+
+    readers: Params = {
+        "embed": single(names["embed"]),
+        "layers": jax.tree.map(stacked, layer_leaves),
+        "final_norm": {"scale": single(names["norm"] + ".weight")},
+    }
+    if cfg.norm == "layer":
+        readers["final_norm"]["bias"] = single(names["norm"] + ".bias")
+    if not cfg.tie_embeddings:
+        readers["unembed"] = single("lm_head.weight", transpose=True)
+    return readers
+
+
+def _reader_fn(reader: SafetensorsReader, dtype) -> Read:
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+    return lambda name: reader.get(name).astype(np_dtype)
 
 
 def convert_hf_weights(reader: SafetensorsReader, cfg: ModelConfig, dtype) -> Params:
     """Read every tensor the config needs and return jaxinfer's (host numpy) parameter tree."""
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
-
-    def read(name: str) -> np.ndarray:
-        return reader.get(name).astype(np_dtype)
-
-    names = _global_names(cfg)
-    layer_fn = _falcon_layer if cfg.name == "falcon" else _llama_layer
-    params: Params = {
-        "embed": read(names["embed"]),
-        "layers": _stack([layer_fn(read, f"{names['layers']}{i}.", cfg)
-                          for i in range(cfg.n_layers)]),
-        "final_norm": {"scale": read(names["norm"] + ".weight")},
-    }
-    if cfg.norm == "layer":
-        params["final_norm"]["bias"] = read(names["norm"] + ".bias")
-    if not cfg.tie_embeddings:
-        params["unembed"] = read("lm_head.weight").T
+    read = _reader_fn(reader, dtype)
+    readers = _leaf_readers(cfg)
+    params = {key: (jax.tree.map(lambda f: np.stack(list(f(read))), value) if key == "layers"
+                    else jax.tree.map(lambda f: f(read), value))
+              for key, value in readers.items()}
     try:
         check_params(cfg, params)
     except ValueError as err:
         raise CheckpointError(f"checkpoint in {reader.directory} does not match its config: "
                               f"{err}") from None
     return params
+
+
+def read_hf_shard(reader: SafetensorsReader, cfg: ModelConfig, dtype, path: tuple[str, ...],
+                  index: tuple[slice, ...]) -> np.ndarray:
+    """One shard (`index` into the stacked parameter at `path`) read from the safetensors files.
+
+    Only the layers inside ``index[0]`` are read for layer weights, one HF tensor at a time, so a
+    process holding a shard never materializes the whole parameter (sharded loading).
+    """
+    read = _reader_fn(reader, dtype)
+    fn = _leaf_readers(cfg)
+    for key in path:
+        fn = fn[key]
+    if path[0] != "layers":
+        return np.ascontiguousarray(fn(read)[index])
+    layers = range(cfg.n_layers)[index[0]]
+    return np.stack([layer[index[1:]] for layer in fn(read, layers)])
