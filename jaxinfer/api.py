@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import checkpoint, model as model_lib
+from jaxinfer import builtin, checkpoint, model as model_lib, quant
+from jaxinfer.cache import KVCache
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.generate import GenerationResult, Generator
 from jaxinfer.hf_weights import CheckpointError
-from jaxinfer.params import Params, init_params, param_bytes, stack_layers, unstack_layers
+from jaxinfer.params import (Params, abstract_params, init_params, param_bytes, stack_layers,
+                             unstack_layers)
 from jaxinfer.sampling import SamplingConfig
 from jaxinfer.tokenizer import Tokenizer
 
@@ -24,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYER_LOOPS = ("scan", "unrolled")
 """How the decoder runs its layers: one `lax.scan` over stacked weights (fast to compile) or a loop
 unrolled over per-layer weights (each weight read in place: faster decode on XLA:CPU)."""
+KV_CACHE_MODES = (None, "int8")
 
 
 def _check_dtype(dtype) -> jnp.dtype:
@@ -37,16 +40,24 @@ class Model:
     """A loaded model: configuration, parameters, optional tokenizer, compiled programs."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None = None,
-                 attention_backend: str = "auto", layer_loop: str = "scan"):
+                 attention_backend: str = "auto", layer_loop: str = "scan",
+                 kv_cache: str | None = None, quantization: quant.QuantConfig | None = None):
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+        if kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+        if (quantization is not None) != quant.is_quantized(params):
+            raise ValueError("pass quantization exactly when the parameters are quantized")
         self.config = config
         self.params = unstack_layers(params) if layer_loop == "unrolled" else stack_layers(params)
         self.layer_loop = layer_loop
         self.tokenizer = tokenizer
         self.runtime = model_lib.Runtime(attention_backend=attention_backend)
-        self.dtype = jax.tree.leaves(params)[0].dtype
-        self._generator = Generator(config, self.runtime, cache_dtype=self.dtype)
+        self.dtype = params["embed"].dtype  # embeddings stay float in a quantized model
+        self.kv_cache = kv_cache
+        self.quantization = quantization
+        self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache == "int8" else self.dtype
+        self._generator = Generator(config, self.runtime, cache_dtype=self.cache_dtype)
         self._logits_fn = jax.jit(functools.partial(model_lib.forward_logits, cfg=config,
                                                     rt=self.runtime))
 
@@ -63,6 +74,28 @@ class Model:
     @property
     def param_bytes(self) -> int:
         return param_bytes(self.params)
+
+    def memory_report(self, batch: int = 1, context: int | None = None) -> dict[str, int | str]:
+        """Bytes of the parameters and of a KV cache for `batch` sequences of `context` tokens
+        (default: the model's context), as held now and for the float (model dtype) and bfloat16
+        twins, so the effect of weight and KV-cache quantization is visible."""
+        context = self.config.max_context if context is None else context
+        if batch < 1 or context < 1:
+            raise ValueError(f"batch and context must be positive, got {batch}, {context}")
+
+        def cache_bytes(dtype) -> int:
+            return KVCache.abstract(self.config, batch, context, dtype).nbytes()
+
+        return {
+            "weights": self.quantization.name if self.quantization else self.dtype.name,
+            "kv_cache": self.kv_cache or self.cache_dtype.name,
+            "param_bytes": self.param_bytes,
+            "param_bytes_float": param_bytes(abstract_params(self.config, self.dtype)),
+            "param_bytes_bf16": param_bytes(abstract_params(self.config, jnp.bfloat16)),
+            "cache_bytes": cache_bytes(self.cache_dtype),
+            "cache_bytes_float": cache_bytes(self.dtype),
+            "cache_bytes_bf16": cache_bytes(jnp.bfloat16),
+        }
 
     def _encode(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -115,26 +148,53 @@ class Model:
     def save(self, path: str) -> None:
         """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly."""
         checkpoint.save_jaxinfer(path, self.config, stack_layers(self.params),
-                                 self.tokenizer.path if self.tokenizer else None)
+                                 self.tokenizer.path if self.tokenizer else None,
+                                 self.quantization.to_dict() if self.quantization else None)
 
 
 def load(source: str, dtype="float32", *, attention_backend: str = "auto",
-         layer_loop: str = "scan") -> Model:
-    """Load a Hugging Face checkpoint directory or a jaxinfer (orbax) checkpoint directory.
+         layer_loop: str = "scan", quantize: str | None = None, kv_cache: str | None = None,
+         group_size: int | None = None) -> Model:
+    """Load a Hugging Face checkpoint directory, a jaxinfer (orbax) checkpoint directory, or a
+    built-in model ("builtin", "builtin-draft": see `jaxinfer.builtin`).
 
-    dtype applies to HF weights; a jaxinfer checkpoint restores the dtypes it was saved with.
+    dtype applies to HF weights and the built-in models; a jaxinfer checkpoint restores the dtypes it was saved with (and
+    its quantization). quantize: "int8" (per output channel) or "int4" (group-wise, `group_size`
+    rows per scale, default 128) weight-only quantization of the projections (`jaxinfer.quant`).
+    kv_cache: "int8" stores the KV cache as int8 with per-token-per-head scales.
     """
     dtype = _check_dtype(dtype)
+    qc = None if quantize is None else quant.QuantConfig.from_mode(quantize, group_size)
+    if quantize is None and group_size is not None:
+        raise ValueError("group_size only applies with quantize='int4' or 'int8'")
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
     enable_compilation_cache()
+    builtin_dir = builtin.builtin_path(source)
+    if builtin_dir is not None and not os.path.isdir(builtin_dir):
+        raise CheckpointError(f"the built-in model {source!r} is missing from this installation "
+                              f"({builtin_dir}); run scripts/train_builtin.py")
+    source = builtin_dir or source
     if not os.path.isdir(source):
         raise CheckpointError(f"checkpoint directory {source!r} does not exist")
+    stored = None
     if checkpoint.is_jaxinfer_checkpoint(source):
+        stored = checkpoint.read_quantization(source)
+        if stored is not None and qc is not None:
+            raise ValueError(f"{source} is already quantized (int{stored['bits']}); load it "
+                             "without quantize=, or quantize its float checkpoint")
         cfg, params = checkpoint.load_jaxinfer(source)
+        if builtin_dir is not None:  # shipped in bfloat16 to stay small; computed in `dtype`
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
     elif checkpoint.is_hf_checkpoint(source):
         cfg, params = checkpoint.load_hf(source, dtype)
     else:
         raise CheckpointError(f"{source} is neither a jaxinfer checkpoint "
                               f"({checkpoint.JAXINFER_META}) nor a Hugging Face checkpoint "
                               "(config.json)")
+    if qc is not None:
+        params = quant.quantize_params(params, cfg, qc)
+    elif stored is not None:
+        qc = quant.QuantConfig.from_dict(stored)
     return Model(cfg, params, Tokenizer.from_dir(source), attention_backend=attention_backend,
-                 layer_loop=layer_loop)
+                 layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc)

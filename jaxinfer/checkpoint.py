@@ -2,6 +2,8 @@
 
 A jaxinfer checkpoint directory holds ``jaxinfer.json`` (format version, `ModelConfig`, dtype),
 ``params/`` (an orbax-checkpoint pytree) and, when the model has one, ``tokenizer.json``.
+A quantized model records ``"quantization": {"bits", "group_size"}`` in ``jaxinfer.json`` and
+stores each `QuantizedWeight` as its ``data`` and ``scale`` arrays, restored without re-quantizing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import shutil
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -62,8 +65,21 @@ def load_hf(path: str, dtype) -> tuple[ModelConfig, Params]:
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
+def read_quantization(path: str) -> dict | None:
+    """The ``quantization`` record of a jaxinfer checkpoint (None: float weights)."""
+    return _read_json(os.path.join(path, JAXINFER_META)).get("quantization")
+
+
+def _expected_params(cfg: ModelConfig, meta: dict) -> Params:
+    from jaxinfer import quant  # quant imports the kernels; only quantized checkpoints need it
+
+    if meta.get("quantization") is None:
+        return abstract_params(cfg)
+    return quant.abstract_quantized_params(cfg, quant.QuantConfig.from_dict(meta["quantization"]))
+
+
 def save_jaxinfer(path: str, cfg: ModelConfig, params: Params,
-                  tokenizer_file: str | None = None) -> None:
+                  tokenizer_file: str | None = None, quantization: dict | None = None) -> None:
     """Write params with orbax plus the config (and tokenizer) next to them."""
     path = os.path.abspath(path)
     if os.path.exists(path) and os.listdir(path):
@@ -71,12 +87,14 @@ def save_jaxinfer(path: str, cfg: ModelConfig, params: Params,
     os.makedirs(path, exist_ok=True)
     dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, "params"), params)
+    checkpointer.save(os.path.join(path, "params"), flax.serialization.to_state_dict(params))
     checkpointer.wait_until_finished()
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.json"))
     meta = {"format": "jaxinfer", "version": FORMAT_VERSION, "config": cfg.to_dict(),
             "dtypes": dtypes}
+    if quantization is not None:
+        meta["quantization"] = quantization
     with open(os.path.join(path, JAXINFER_META), "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
 
@@ -100,7 +118,8 @@ def load_jaxinfer(path: str) -> tuple[ModelConfig, Params]:
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)  # orbax >= 0.11 wraps the tree in TreeMetadata
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
-        expected = abstract_params(cfg)
+        expected_tree = _expected_params(cfg, meta)
+        expected = flax.serialization.to_state_dict(expected_tree)
         if jax.tree.structure(target) != jax.tree.structure(expected):
             raise CheckpointError(f"{path}: stored parameter tree does not match its config")
         for (key, got), want in zip(jax.tree_util.tree_leaves_with_path(target),
@@ -109,7 +128,8 @@ def load_jaxinfer(path: str) -> tuple[ModelConfig, Params]:
                 raise CheckpointError(
                     f"{path}: parameter {jax.tree_util.keystr(key)} has shape {got.shape}, "
                     f"which does not match its config (expected {want.shape})")
-        params = checkpointer.restore(params_dir, target)
+        params = flax.serialization.from_state_dict(
+            expected_tree, checkpointer.restore(params_dir, target))
     except CheckpointError:
         raise
     except Exception as err:  # orbax / tensorstore raise many error types

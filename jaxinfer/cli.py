@@ -18,7 +18,9 @@ def _token_list(text: str) -> list[int]:
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text or tokens from a checkpoint")
-    p.add_argument("--model", required=True, help="HF checkpoint dir or jaxinfer checkpoint dir")
+    p.add_argument("--model", default="builtin",
+                   help="HF checkpoint dir, jaxinfer checkpoint dir, or builtin / builtin-draft "
+                        "(default: builtin, a small model trained on Python sources)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
     prompt.add_argument("--tokens", type=_token_list, action="append",
@@ -34,6 +36,14 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "tpu", "gpu"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the projections")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="rows per scale for --quantize (default: per channel int8, 128 int4)")
+    p.add_argument("--kv-cache", default=None, choices=["int8"],
+                   help="store the KV cache as int8 with per-token-per-head scales")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the memory report (parameter and KV-cache bytes) to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     distributed.add_distributed_args(p)
     p.set_defaults(handler=run_generate)
@@ -43,8 +53,13 @@ def run_generate(args) -> int:
     distributed.initialize_from_args(args)
     import jaxinfer
 
-    model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
+    model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
+                          quantize=args.quantize, kv_cache=args.kv_cache,
+                          group_size=args.group_size)
     prompts = args.prompt if args.prompt is not None else args.tokens
+    if args.verbose:
+        report = model.memory_report(len(prompts), model.config.max_context)
+        print("memory: " + " ".join(f"{k}={v}" for k, v in report.items()), file=sys.stderr)
     result = model.generate(
         prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -71,7 +86,20 @@ def add_bench_parser(sub) -> None:
     bench.add_bench_parser(sub)
 
 
-SUBCOMMAND_BUILDERS = (add_generate_parser, add_bench_parser)
+def add_plan_parser(sub) -> None:
+    from partitioning import cli as partitioning_cli  # partitioning imports jaxinfer
+
+    partitioning_cli.add_plan_parser(sub)
+
+
+def add_calibrate_parser(sub) -> None:
+    from partitioning import cli as partitioning_cli
+
+    partitioning_cli.add_calibrate_parser(sub)
+
+
+SUBCOMMAND_BUILDERS = (add_generate_parser, add_bench_parser, add_plan_parser,
+                       add_calibrate_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

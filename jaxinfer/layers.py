@@ -8,6 +8,29 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from pallas_kernels import QuantizedWeight, quantized_matmul
+
+
+def project(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """The einsum `spec` of activations x and a weight w, a float array or a `QuantizedWeight`.
+
+    Every projection goes through here, so a quantized model runs the same model code. For a
+    `QuantizedWeight` the spec must contract x's trailing axes with w's leading axes and output x's
+    other axes then w's other axes (e.g. "btnh,nhd->btd"); x is flattened to [M, Kc] and multiplied
+    by `pallas_kernels.quantized_matmul` (platform kernel, XLA on CPU).
+    """
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n_contract = len(w_axes) - len(w.out_shape)
+    batch_axes = x_axes[:len(x_axes) - n_contract]
+    if x_axes[len(batch_axes):] != w_axes[:n_contract] or out != batch_axes + w_axes[n_contract:]:
+        raise ValueError(f"einsum {spec!r} is not a projection a quantized weight supports")
+    if out_dtype is not None:
+        x = x.astype(out_dtype)
+    y = quantized_matmul(x.reshape(-1, w.contract_size), w.matrix(), backend="auto")
+    return y.reshape(x.shape[:len(batch_axes)] + w.out_shape)
 
 
 def norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
@@ -62,9 +85,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
 
 def project_qkv(h: jax.Array, p: dict, positions: jax.Array, cfg: ModelConfig):
     """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], RoPE applied to q and k."""
-    q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
-    k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
-    v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+    q = project("btd,dnh->btnh", h, p["wq"])
+    k = project("btd,dkh->btkh", h, p["wk"])
+    v = project("btd,dkh->btkh", h, p["wv"])
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
@@ -72,18 +95,18 @@ def project_qkv(h: jax.Array, p: dict, positions: jax.Array, cfg: ModelConfig):
 
 def project_out(attn: jax.Array, p: dict) -> jax.Array:
     """attn [B, T, N, H] -> [B, T, D]."""
-    return jnp.einsum("btnh,nhd->btd", attn, p["wo"])
+    return project("btnh,nhd->btd", attn, p["wo"])
 
 
 def feed_forward(h: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     """h [B, T, D] -> [B, T, D] through a gated (GLU) or plain two-layer FFN."""
-    up = jnp.einsum("btd,df->btf", h, p["w_up"])  # [B, T, F]
+    up = project("btd,df->btf", h, p["w_up"])  # [B, T, F]
     if cfg.gated_ffn:
-        gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+        gate = project("btd,df->btf", h, p["w_gate"])
         hidden = activation(gate, cfg.activation) * up
     else:
         hidden = activation(up, cfg.activation)
-    return jnp.einsum("btf,fd->btd", hidden, p["w_down"])
+    return project("btf,fd->btd", hidden, p["w_down"])
 
 
 def embed(tokens: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
@@ -100,4 +123,4 @@ def unembed(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
     x = norm(x, params["final_norm"], cfg)
     if cfg.tie_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=jnp.float32)
+    return project("btd,dv->btv", x, params["unembed"], jnp.float32)

@@ -123,7 +123,8 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, cfg: 
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = _embed(params, tokens, cfg, rt)
     kv_shape = (cfg.n_layers, b, cfg.n_kv_heads, t, cfg.head_dim)
-    kv = (jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype))
+    kv_dtype = x.dtype if cache.quantized else cache.k.dtype  # an int8 cache quantizes on write
+    kv = (jnp.zeros(kv_shape, kv_dtype), jnp.zeros(kv_shape, kv_dtype))
     x, (ks, vs) = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, lengths), kv)
     cache = cache.write_prefill(ks, vs, lengths)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
@@ -143,6 +144,8 @@ def decode_step(params, tokens: jax.Array, cache: KVCache, cfg: ModelConfig,
         cache = cache.write_token(layer, k[:, 0], v[:, 0])
         out = pallas_kernels.decode_attention(
             q[:, 0], cache.k[layer], cache.v[layer], cache.lengths + 1,
+            k_scale=None if cache.k_scale is None else cache.k_scale[layer],
+            v_scale=None if cache.v_scale is None else cache.v_scale[layer],
             backend=rt.attention_backend)  # [B, N, H]
         return out[:, None], cache
 

@@ -33,6 +33,9 @@ class ParamSpec:
     """'normal' (std 1/sqrt(fan_in)), 'ones' or 'zeros'."""
     fan_in: int = 1
     """Input width used to scale 'normal' initialisation."""
+    contract: int = 0
+    """Axes (after a leading ``layers`` axis) a projection contracts over; 0: not a projection
+    (never quantized). See `jaxinfer.quant`."""
 
     def __post_init__(self):
         if len(self.shape) != len(self.axes):
@@ -59,10 +62,14 @@ def _norm_specs(cfg: ModelConfig, leading: tuple[int, ...], leading_axes: tuple[
 def _attention_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     L, D, N, K, H = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     specs = {
-        "wq": ParamSpec((L, D, N, H), (ax.LAYERS, ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), fan_in=D),
-        "wk": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D),
-        "wv": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D),
-        "wo": ParamSpec((L, N, H, D), (ax.LAYERS, ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), fan_in=N * H),
+        "wq": ParamSpec((L, D, N, H), (ax.LAYERS, ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), fan_in=D,
+                        contract=1),
+        "wk": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D,
+                        contract=1),
+        "wv": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D,
+                        contract=1),
+        "wo": ParamSpec((L, N, H, D), (ax.LAYERS, ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), fan_in=N * H,
+                        contract=2),
     }
     if cfg.qkv_bias:
         specs["bq"] = ParamSpec((L, N, H), (ax.LAYERS, ax.Q_HEADS, ax.HEAD_DIM), "zeros")
@@ -74,11 +81,12 @@ def _attention_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 def _ffn_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
     specs = {
-        "w_up": ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D),
-        "w_down": ParamSpec((L, F, D), (ax.LAYERS, ax.MLP, ax.EMBED), fan_in=F),
+        "w_up": ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D, contract=1),
+        "w_down": ParamSpec((L, F, D), (ax.LAYERS, ax.MLP, ax.EMBED), fan_in=F, contract=1),
     }
     if cfg.gated_ffn:
-        specs["w_gate"] = ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D)
+        specs["w_gate"] = ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D,
+                                     contract=1)
     return specs
 
 
@@ -96,8 +104,23 @@ def param_specs(cfg: ModelConfig) -> Params:
     }
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB),
-                                     fan_in=cfg.d_model)
+                                     fan_in=cfg.d_model, contract=1)
     return specs
+
+
+def quantized_axes(spec: ParamSpec) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical axes of a quantized projection's (data, scale), so it shards like its float twin.
+
+    The contraction axes are flattened into one, named after the first of them (its row blocks are
+    the float twin's shards along that axis); the scales' group axis is never sharded (None); any
+    ``layers`` axis and the output axes keep their names.
+    """
+    if not spec.contract:
+        raise ValueError(f"a weight with axes {spec.axes} is not a projection; it is not quantized")
+    lead = 1 if spec.axes[0] == ax.LAYERS else 0
+    head, contract, out = spec.axes[:lead], spec.axes[lead:lead + spec.contract], \
+        spec.axes[lead + spec.contract:]
+    return head + (contract[0],) + out, head + (None,) + out
 
 
 def _is_spec(x) -> bool:

@@ -1,0 +1,330 @@
+"""Analytical cost of one prefill or decode step under a partitioning plan (pope2022.md §4-§6).
+
+Per layer: the collectives of the layout (exact (K-1)/K volumes, §4.3), matmul FLOPs (2 per
+parameter per token, §4.1, plus attention), weight bytes and KV-cache bytes read from HBM (§6.3).
+The step adds them up over layers (and the unembedding), combines them as
+``max(compute, weight_load + kv_load) + comm`` (§4.1 [D]: no overlap of communication assumed), and
+reports MFU (§4.2), cost in chip-seconds per token, per-chip memory and what bounds the step.
+
+Notation as the paper's (§1): B batch, L tokens per sequence in this step, E d_model, F d_ff,
+N query heads, K KV heads, Q head dim; mesh X x Y x Z = n chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxinfer.config import ModelConfig
+from partitioning.hardware import HardwareProfile
+from partitioning.plan import PhasePlan
+
+WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+GATHERED_AXES = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one step processes."""
+
+    batch: int
+    """B: sequences in the batch."""
+    tokens: int
+    """L: tokens per sequence in this step (prefill: the prompt length; decode: 1)."""
+    context: int
+    """Key/value positions each sequence attends to (and the cache holds) at this step."""
+    weight_bytes: float = 2.0
+    """Bytes per weight: 2 (bf16), 1 (int8), 0.5 (int4)."""
+    act_bytes: float = 2.0
+    """Bytes per activation element (bf16)."""
+    kv_bytes: float = 2.0
+    """Bytes per KV-cache element (bf16; 1 for an int8 cache)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of one layer, priced per the convention in `partitioning.plan`."""
+
+    kind: str
+    """'all-gather', 'reduce-scatter', 'all-reduce' or 'all-to-all'."""
+    axes: tuple[str, ...]
+    """Mesh axes the collective runs over."""
+    group: int
+    """K: chips in one group (product of the axes' sizes)."""
+    elements: float
+    """Per-chip elements the convention's volume is based on (AG: output, RS: input, ...)."""
+    element_bytes: float
+    """Bytes per element."""
+    what: str
+    """Which tensor moves."""
+    torus_steps: int = 0
+    """Ring steps on a torus: the sum over the axes of (size - 1) (latency term)."""
+
+    @property
+    def bytes_per_chip(self) -> float:
+        """Bytes one chip sends (pope2022.md §4.3 with exact (K-1)/K)."""
+        factor = 2.0 if self.kind == "all-reduce" else 1.0
+        return factor * self.elements * self.element_bytes * (self.group - 1) / self.group
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+    """Predicted cost of one step (prefill: the whole prompt; decode: one token)."""
+
+    step_time_s: float
+    compute_s: float
+    weight_load_s: float
+    kv_load_s: float
+    comm_s: float
+    mfu: float
+    cost_chip_s_per_token: float
+    memory_per_chip_bytes: float
+    fits: bool
+    bound: str
+    collectives: tuple[Collective, ...]
+    """The collectives of one layer."""
+
+    def breakdown(self) -> dict[str, float]:
+        return {"compute_s": self.compute_s, "weight_load_s": self.weight_load_s,
+                "kv_load_s": self.kv_load_s, "comm_s": self.comm_s}
+
+
+def _sizes(plan: PhasePlan) -> dict[str, int]:
+    return plan.mesh.as_dict()
+
+
+def _live(axes, sizes) -> tuple[str, ...]:
+    """The axes of size > 1 (collectives over size-1 axes move nothing)."""
+    return tuple(a for a in axes if sizes[a] > 1)
+
+
+def _coll(kind, axes, sizes, elements, element_bytes, what) -> list[Collective]:
+    axes = _live(axes, sizes)
+    if not axes:
+        return []
+    group = math.prod(sizes[a] for a in axes)
+    steps = sum(sizes[a] - 1 for a in axes)
+    return [Collective(kind, axes, group, float(elements), element_bytes, what, steps)]
+
+
+def _blocks(cfg: ModelConfig) -> int:
+    """Residual-stream sub-blocks per layer: 1 (parallel attention+FFN) or 2 (serial)."""
+    return 1 if cfg.parallel_block else 2
+
+
+def _ffn_inputs(cfg: ModelConfig) -> int:
+    return 2 if cfg.gated_ffn else 1
+
+
+def _layer_matrices(cfg: ModelConfig) -> int:
+    """Weight elements of one layer's matrices."""
+    E, F, Q = cfg.d_model, cfg.d_ff, cfg.head_dim
+    return E * Q * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + E * F * (_ffn_inputs(cfg) + 1)
+
+
+def _ws_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
+                    fuse: bool = True) -> list[Collective]:
+    """1D (§5.1) or 2D (§5.2) weight-stationary, attention per §6.2."""
+    s, a = _sizes(plan), wl.act_bytes
+    BL, E, F, Q, N, K = wl.batch * wl.tokens, cfg.d_model, cfg.d_ff, cfg.head_dim, \
+        cfg.n_heads, cfg.n_kv_heads
+    out: list[Collective] = []
+    if plan.layout == "1d-ws":
+        model_axes, x_axes = ("x", "y", "z"), ()
+    else:
+        model_axes, x_axes = ("y", "z"), ("x",)
+    X = math.prod(s[ax] for ax in x_axes)
+    M = math.prod(s[ax] for ax in model_axes)
+    for _ in range(_blocks(cfg)):
+        out += _coll("all-gather", model_axes, s, BL * E / X, a, "block input BLE")
+        out += _coll("reduce-scatter", model_axes, s, BL * E / X, a, "block output BLE")
+    # Feed-forward: the Megatron pairing needs no collective in 1D; 2D reduces the E-partial sums
+    # of the input projections over x and re-gathers the activated intermediate (§5.2 steps 3, 5).
+    out += _coll("reduce-scatter", x_axes, s, _ffn_inputs(cfg) * BL * F / M, a, "FFN pre-act BLF")
+    out += _coll("all-gather", x_axes, s, BL * F / M, a, "FFN activated BLF")
+    # Attention projections: queries like the FFN; K/V sharded with the heads when K divides, else
+    # replicated over the head axes and all-reduced over x (§6.1 baseline multiquery).
+    out += _coll("reduce-scatter", x_axes, s, BL * N * Q / M, a, "queries BLNQ")
+    kv_sharded = K % M == 0
+    for name in ("keys", "values"):
+        if kv_sharded:
+            out += _coll("reduce-scatter", x_axes, s, BL * K * Q / M, a, f"{name} BLKQ")
+        elif plan.attention == "batch":
+            out += _coll("reduce-scatter", x_axes, s, BL * K * Q, a, f"{name} BLKQ into batch")
+        else:
+            out += _coll("all-reduce", x_axes, s, BL * K * Q, a, f"{name} BLKQ")
+    if plan.attention == "batch":  # §6.2(b): queries and outputs between heads and batch
+        n = plan.mesh.n
+        out += _coll("all-to-all", ("x", "y", "z"), s, BL * N * Q / n, a, "queries heads->batch")
+        out += _coll("all-to-all", ("x", "y", "z"), s, BL * N * Q / n, a, "attn out batch->heads")
+    out += _coll("all-gather", x_axes, s, BL * N * Q / M, a, "attention output BLNQ")
+    return _fuse_parallel(out) if cfg.parallel_block and fuse else out
+
+
+def _fuse_parallel(collectives: list[Collective]) -> list[Collective]:
+    """A parallel block fuses W_Q/W_K/W_V with the FFN input matrices and W_O with the FFN output
+    (§7.1, §3.1 CODE q_wi / o_wo): their x-axis reduce-scatters run as one collective, and their
+    all-gathers as another. Bytes are unchanged; the ring latency is paid once."""
+    fused: dict[tuple, Collective] = {}
+    out = []
+    for c in collectives:
+        if c.axes != ("x",) or c.kind not in ("reduce-scatter", "all-gather"):
+            out.append(c)
+            continue
+        key = (c.kind, c.axes, c.element_bytes)
+        if key in fused:
+            prev = fused[key]
+            fused[key] = dataclasses.replace(prev, elements=prev.elements + c.elements,
+                                             what=f"{prev.what} + {c.what}")
+        else:
+            fused[key] = c
+    return out + list(fused.values())
+
+
+def _wg_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Collective]:
+    """Weight-gathered X / XY / XYZ (§5.3): weights gathered over G, batch sharded over G."""
+    s = _sizes(plan)
+    gathered = GATHERED_AXES[plan.layout]
+    rest = tuple(ax for ax in ("x", "y", "z") if ax not in gathered)
+    G = math.prod(s[ax] for ax in gathered)
+    R = math.prod(s[ax] for ax in rest)
+    BL, E, N, Q = wl.batch * wl.tokens, cfg.d_model, cfg.n_heads, cfg.head_dim
+    out = _coll("all-gather", gathered, s, _layer_matrices(cfg) * G / plan.mesh.n,
+                wl.weight_bytes, "layer weights")
+    for _ in range(_blocks(cfg)):
+        out += _coll("all-gather", rest, s, BL * E / G, wl.act_bytes, "block input BLE")
+        out += _coll("reduce-scatter", rest, s, BL * E / G, wl.act_bytes, "block output BLE")
+    if plan.attention == "batch" and R > 1:
+        out += _coll("all-to-all", rest, s, BL * N * Q / (G * R), wl.act_bytes,
+                     "queries heads->batch")
+        out += _coll("all-to-all", rest, s, BL * N * Q / (G * R), wl.act_bytes,
+                     "attn out batch->heads")
+    return out
+
+
+def layer_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
+                      fuse: bool = True) -> list[Collective]:
+    """Every collective of one decoder layer in this step, per chip (what the HLO audit checks).
+
+    Args: the model, the phase plan (layout, attention, mesh), the workload (batch, tokens per
+    sequence in this step, activation bytes). Tensors moved: block inputs/outputs [B, L, E]; in 2D
+    WS the FFN intermediates [B, L, F] and Q/K/V/attention outputs over x; in batch-sharded
+    attention the queries and attention outputs (all-to-all); in weight-gathered layouts every
+    weight matrix of the layer over the gathered axes.
+    """
+    if plan.layout in GATHERED_AXES:
+        return _wg_collectives(cfg, plan, wl)
+    return _ws_collectives(cfg, plan, wl, fuse)
+
+
+def collective_time(c: Collective, hw: HardwareProfile) -> float:
+    """Bandwidth time (§4.3) plus per-step latency.
+
+    A torus chip is credited its full interconnect bandwidth for every collective, whatever axes it
+    runs over: the paper's model ("270 GB/s of interconnect bandwidth", §2.1, one "network
+    bandwidth" in every §5 formula), under which its layout choices (2D WS for decode, §5.5) come
+    out as published. Crediting only the links of the collective's axes (§2.2 [D]) would favour 1D.
+    """
+    if hw.topology == "torus":
+        bw = hw.axis_bw * hw.max_mesh_axes
+    elif hw.domain_size is not None and c.group > hw.domain_size and hw.scale_out_bw:
+        bw = hw.scale_out_bw
+    else:
+        bw = hw.axis_bw
+    seconds = c.bytes_per_chip / bw
+    if c.kind == "all-to-all" and hw.topology == "torus":
+        seconds /= 4  # scaling book: an all-to-all costs ~1/4 of an all-gather on a torus (§4.3)
+    steps = c.torus_steps if hw.topology == "torus" else c.group - 1
+    return seconds + hw.hop_latency_s * steps
+
+
+def kv_cache_bytes_per_chip(cfg: ModelConfig, plan: PhasePlan, batch: int, context: int,
+                            kv_bytes: float) -> float:
+    """Per-chip KV cache (§6.3): heads-sharded replicates heads that do not divide; batch-sharded
+    splits sequences over the chips."""
+    n = plan.mesh.n
+    per_seq_head = 2 * cfg.n_layers * context * cfg.head_dim * kv_bytes
+    if plan.layout in GATHERED_AXES:
+        G = math.prod(plan.mesh.as_dict()[a] for a in GATHERED_AXES[plan.layout])
+        if plan.attention == "batch":
+            return per_seq_head * batch / n * cfg.n_kv_heads
+        return per_seq_head * batch / G * max(cfg.n_kv_heads / (n // G), 1)
+    if plan.attention == "batch":
+        return per_seq_head * batch / n * cfg.n_kv_heads
+    return per_seq_head * batch * max(cfg.n_kv_heads / n, 1)
+
+
+def _weights_read_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
+    stored = cfg.param_count() * wl.weight_bytes / plan.mesh.n
+    if plan.layout in GATHERED_AXES:  # gathered weights are read at the gathered size
+        G = math.prod(plan.mesh.as_dict()[a] for a in GATHERED_AXES[plan.layout])
+        return stored * G
+    return stored
+
+
+def memory_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
+    """Weights (stored once, 2D layout, §5.3) + KV cache + one layer's working set."""
+    n = plan.mesh.n
+    weights = cfg.param_count() * wl.weight_bytes / n
+    kv = kv_cache_bytes_per_chip(cfg, plan, wl.batch, wl.context, wl.kv_bytes)
+    gathered = plan.layout in GATHERED_AXES
+    tokens_per_chip = wl.batch * wl.tokens / (n if gathered else 1)
+    # Live activations of one layer: the residual and its normed copy, one d_ff intermediate.
+    acts = tokens_per_chip * (2 * cfg.d_model + cfg.d_ff / (1 if gathered else n)) * wl.act_bytes
+    if gathered:  # the weights are streamed one gathered matrix at a time (§7.2)
+        G = math.prod(plan.mesh.as_dict()[a] for a in GATHERED_AXES[plan.layout])
+        largest = max(cfg.d_model * cfg.d_ff, cfg.d_model * cfg.n_heads * cfg.head_dim)
+        acts += largest * wl.weight_bytes * G / n
+    return weights + kv + acts
+
+
+def _flops(cfg: ModelConfig, wl: Workload) -> float:
+    """Matmul FLOPs of the step: 2 per weight per token (§4.1) plus attention (QK^T and AV)."""
+    BL = wl.batch * wl.tokens
+    dense = 2 * cfg.n_layers * _layer_matrices(cfg) * BL
+    logits = 2 * cfg.vocab_size * cfg.d_model * wl.batch  # last position only
+    attention = 4 * cfg.n_layers * BL * wl.context * cfg.n_heads * cfg.head_dim
+    return dense + logits + attention
+
+
+def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfile,
+             nominal_params: float | None = None) -> StepEstimate:
+    """Predict one step; MFU uses `nominal_params` (default: the config's count), §4.2."""
+    n = plan.mesh.n
+    peak = hw.peak_flops_bf16
+    compute = _flops(cfg, wl) / (n * peak)
+    weight_load = _weights_read_per_chip(cfg, plan, wl) / hw.hbm_bw
+    kv_load = kv_cache_bytes_per_chip(cfg, plan, wl.batch, wl.context, wl.kv_bytes) / hw.hbm_bw
+    per_layer = layer_collectives(cfg, plan, wl)
+    comm = cfg.n_layers * sum(collective_time(c, hw) for c in per_layer)
+    memory = weight_load + kv_load
+    step = max(compute, memory) + comm
+    params = nominal_params or cfg.param_count()
+    tokens = wl.batch * wl.tokens
+    mfu = 2 * params * tokens / (n * peak * step)
+    mem = memory_per_chip(cfg, plan, wl)
+    bound = max((("compute", compute), ("memory", memory), ("communication", comm)),
+                key=lambda kv: kv[1])[0]
+    return StepEstimate(step_time_s=step, compute_s=compute, weight_load_s=weight_load,
+                        kv_load_s=kv_load, comm_s=comm, mfu=mfu,
+                        cost_chip_s_per_token=n * step / tokens, memory_per_chip_bytes=mem,
+                        fits=mem <= hw.hbm_bytes, bound=bound, collectives=tuple(per_layer))
+
+
+def ffn_comm_elements(E: int, F: int, BL: int, layout: str, mesh, exact: bool = True) -> float:
+    """Per-chip elements moved by one two-matrix FFN layer: exact (K-1)/K volumes (the §13.2 HLO
+    oracle), or with exact=False the paper's K >> 1 approximation (§4.3) that Fig. 3 plots (§5.4)."""
+    from partitioning.mesh import MeshShape
+
+    cfg = ModelConfig(vocab_size=8, d_model=E, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2,
+                      d_ff=F, max_context=BL, gated_ffn=False, parallel_block=True)
+    plan = PhasePlan("prefill", layout, "heads", MeshShape.of(mesh))
+    wl = Workload(batch=BL, tokens=1, context=1, weight_bytes=1.0, act_bytes=1.0)
+    total = 0.0
+    for c in layer_collectives(cfg, plan, wl, fuse=False):
+        if c.what.startswith(("queries", "keys", "values", "attention", "attn")):
+            continue
+        if c.what == "layer weights":  # only the two FFN matrices
+            c = dataclasses.replace(c, elements=2 * E * F * c.elements / _layer_matrices(cfg))
+        total += c.bytes_per_chip if exact else c.bytes_per_chip * c.group / (c.group - 1)
+    return total
