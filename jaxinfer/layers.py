@@ -19,13 +19,22 @@ def project(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
     other axes then w's other axes (e.g. "btnh,nhd->btd"); x is flattened to [M, Kc] and multiplied
     by `pallas_kernels.quantized_matmul` (platform kernel, XLA on CPU).
     """
-    if not isinstance(w, QuantizedWeight):
-        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
-    n_contract = len(w_axes) - len(w.out_shape)
+    n_contract = sum(a in x_axes for a in w_axes)
     batch_axes = x_axes[:len(x_axes) - n_contract]
-    if x_axes[len(batch_axes):] != w_axes[:n_contract] or out != batch_axes + w_axes[n_contract:]:
+    is_projection = (x_axes[len(batch_axes):] == w_axes[:n_contract]
+                     and out == batch_axes + w_axes[n_contract:])
+    if not isinstance(w, QuantizedWeight):
+        if not is_projection:
+            return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+        # One [M, Kc] x [Kc, Nout] matmul over flattened (bitcast) operands: multi-axis einsums
+        # such as "btnh,nhd->btd" otherwise make XLA:CPU copy a transposed weight every call.
+        contract = math.prod(w.shape[:n_contract])
+        y = jnp.dot(x.reshape(-1, contract), w.reshape(contract, -1),
+                    preferred_element_type=out_dtype)
+        return y.reshape(x.shape[:len(batch_axes)] + w.shape[n_contract:])
+    if not is_projection:
         raise ValueError(f"einsum {spec!r} is not a projection a quantized weight supports")
     if out_dtype is not None:
         x = x.astype(out_dtype)

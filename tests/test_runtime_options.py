@@ -14,7 +14,8 @@ from jaxinfer.params import stack_layers, unstack_layers
 
 def test_unrolled_layers_match_scan(family_checkpoints):
     for family in ("llama", "falcon"):
-        scan = family_checkpoints(family).model
+        scan = jaxinfer.load(family_checkpoints(family).path, layer_loop="scan")
+        assert not isinstance(scan.params["layers"], list)
         unrolled = jaxinfer.load(family_checkpoints(family).path, layer_loop="unrolled")
         assert isinstance(unrolled.params["layers"], list)
         assert len(unrolled.params["layers"]) == scan.config.n_layers
@@ -27,10 +28,15 @@ def test_unrolled_layers_match_scan(family_checkpoints):
 
 
 def test_stack_unstack_roundtrip(family_checkpoints):
-    params = family_checkpoints("gemma").model.params
+    params = stack_layers(family_checkpoints("gemma").model.params)
+    assert isinstance(unstack_layers(params)["layers"], list)
     again = stack_layers(unstack_layers(params))
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_auto_layer_loop_unrolls_on_cpu(family_checkpoints):
+    assert jaxinfer.load(family_checkpoints("llama").path).layer_loop == "unrolled"
 
 
 def test_unknown_layer_loop_is_an_error(family_checkpoints):
