@@ -70,24 +70,21 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def measure_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
-    """Read bytes/s of a matrix-vector product over a `size_mb` float32 matrix.
-
-    That is the decode step's access pattern (every weight read once, tiny activations), far larger
-    than the caches; the best of `repeats` runs.
-    """
+def measure_bandwidth(size_mb: int = 512, repeats: int = 20) -> float:
+    """Best read bytes/s over a `size_mb` float32 array, far larger than the caches: the faster of
+    a matrix-vector product (the decode step's access pattern) and a plain sum."""
     import jax.numpy as jnp
 
     cols = 4096
     w = jnp.ones((size_mb * 2**20 // 4 // cols, cols), jnp.float32)
     x = jnp.ones((1, w.shape[0]), jnp.float32)
-    gemv = jax.jit(lambda x, w: x @ w)
-    gemv(x, w).block_until_ready()
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        gemv(x, w).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+    for fn, args in ((jax.jit(lambda x, w: x @ w), (x, w)), (jax.jit(jnp.sum), (w,))):
+        fn(*args).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
     return w.nbytes / best
 
 
@@ -107,10 +104,10 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
 
 
 def run_jaxinfer(path: str, row: Row, prompts: np.ndarray, new_tokens: int,
-                 bandwidth: float, layer_loop: str) -> None:
+                 bandwidth: float, layer_loop: str, quantize: str | None) -> None:
     import jaxinfer
 
-    model = jaxinfer.load(path, dtype="float32", layer_loop=layer_loop)
+    model = jaxinfer.load(path, dtype="float32", layer_loop=layer_loop, quantize=quantize)
     token_lists = prompts.tolist()
     kwargs = dict(max_new_tokens=new_tokens, stop_tokens=[], temperature=0.0)
     _reset_peak_rss()
@@ -126,7 +123,8 @@ def run_jaxinfer(path: str, row: Row, prompts: np.ndarray, new_tokens: int,
     b, t = prompts.shape
     row.jax_prefill_tok_s = b * t / res.timings["prefill_s"]
     row.jax_tok_s = b * (new_tokens - 1) / res.timings["decode_s"]
-    step_bytes = model.param_bytes + b * (t + new_tokens // 2) * model.config.kv_bytes_per_token(4)
+    kv_bytes = model.memory_report(b, t + new_tokens // 2)["cache_bytes"]
+    step_bytes = model.param_bytes + kv_bytes
     row.roofline = (step_bytes / bandwidth) / (res.timings["decode_s"] / (new_tokens - 1))
 
 
@@ -184,7 +182,9 @@ def print_table(rows: list[Row], args, bandwidth: float, ttft) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"greedy generation, prompt {args.prompt_len}, {args.new_tokens} new tokens"
+    weights = f"jaxinfer {args.quantize} weights" if args.quantize else "float32 weights"
+    table = Table(title=f"greedy generation, {weights}, prompt {args.prompt_len}, "
+                        f"{args.new_tokens} new tokens"
                         f" — {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
                         f" jax {jax.__version__} ({jax.default_backend()}),"
                         f" bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -209,6 +209,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--layer-loop", default="unrolled", choices=["unrolled", "scan"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="jaxinfer weight quantization (Hugging Face stays float32)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--checkpoint", default=None,
                    help="reuse a checkpoint dir (default: build a random one in a temp dir)")
@@ -234,7 +236,8 @@ def run_bench(args) -> int:
             row = Row(batch=b)
             prompts = _prompts(b, args.prompt_len, BENCH_SHAPE["vocab_size"], seed=b)
             progress.update(task, description=f"jaxinfer batch {b}")
-            run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop)
+            run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop,
+                         args.quantize)
             progress.advance(task)
             if not args.no_hf:
                 progress.update(task, description=f"transformers batch {b}")
