@@ -25,7 +25,7 @@ def add_generate_parser(sub) -> None:
     prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
     prompt.add_argument("--tokens", type=_token_list, action="append",
                         help="prompt as comma-separated token ids (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
