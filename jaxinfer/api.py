@@ -29,6 +29,9 @@ unrolled over per-layer weights (each weight read in place: on XLA:CPU a scan co
 weights out of the stack each step, ~1.4x slower decode). 'auto' picks unrolled on CPU, scan on
 TPU/GPU (compile time of deep models)."""
 KV_CACHE_MODES = (None, "int8")
+COLLECTIVES = ("xla", "explicit")
+"""How a plan's layouts run: sharding constraints only, or per-chip code with the paper's
+collectives (`partitioning.collective_layer`)."""
 
 
 def _check_dtype(dtype) -> jnp.dtype:
@@ -43,7 +46,8 @@ class Model:
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None = None,
                  attention_backend: str = "auto", layer_loop: str = "auto",
-                 kv_cache: str | None = None, quantization: quant.QuantConfig | None = None):
+                 kv_cache: str | None = None, quantization: quant.QuantConfig | None = None,
+                 plan=None, mesh=None, collectives: str = "xla"):
         if layer_loop not in LAYER_LOOPS + ("auto",):
             raise ValueError(f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, "
                              f"got {layer_loop!r}")
@@ -62,9 +66,18 @@ class Model:
         self.kv_cache = kv_cache
         self.quantization = quantization
         self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache == "int8" else self.dtype
-        self._generator = Generator(config, self.runtime, cache_dtype=self.cache_dtype)
+        if collectives == "explicit" and quantization is not None:
+            raise ValueError("collectives='explicit' runs float weights only; use "
+                             "collectives='xla' for a quantized model under a plan")
+        self.placement = _placement(config, plan, mesh, collectives)
+        logits_rt = self.runtime
+        if self.placement is not None:
+            self.params = self.placement.place_params(self.params, quantization)
+            logits_rt = self.placement.runtime("prefill", self.runtime)
+        self._generator = Generator(config, self.runtime, cache_dtype=self.cache_dtype,
+                                    placement=self.placement)
         self._logits_fn = jax.jit(functools.partial(model_lib.forward_logits, cfg=config,
-                                                    rt=self.runtime))
+                                                    rt=logits_rt))
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype="float32", **kwargs) -> "Model":
@@ -157,9 +170,28 @@ class Model:
                                  self.quantization.to_dict() if self.quantization else None)
 
 
+def _placement(cfg: ModelConfig, plan, mesh, collectives: str):
+    """A `partitioning.sharding.Placement` for `plan` (mesh: a `jax.sharding.Mesh` with axes
+    x, y, z, built from all devices by default), or None without a plan."""
+    if collectives not in COLLECTIVES:
+        raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
+    if plan is None:
+        if mesh is not None:
+            raise ValueError("mesh= needs plan= (a partitioning.plan.Plan naming the layouts)")
+        return None
+    from partitioning.mesh import make_mesh
+    from partitioning.plan import Plan
+    from partitioning.sharding import Placement
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a partitioning.plan.Plan, got {type(plan).__name__}")
+    return Placement(plan, cfg, make_mesh(plan.decode.mesh) if mesh is None else mesh,
+                     explicit=collectives == "explicit")
+
+
 def load(source: str, dtype="float32", *, attention_backend: str = "auto",
          layer_loop: str = "auto", quantize: str | None = None, kv_cache: str | None = None,
-         group_size: int | None = None) -> Model:
+         group_size: int | None = None, plan=None, mesh=None,
+         collectives: str = "xla") -> Model:
     """Load a Hugging Face checkpoint directory, a jaxinfer (orbax) checkpoint directory, or a
     built-in model ("builtin", "builtin-draft": see `jaxinfer.builtin`).
 
@@ -167,6 +199,10 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
     its quantization). quantize: "int8" (per output channel) or "int4" (group-wise, `group_size`
     rows per scale, default 128) weight-only quantization of the projections (`jaxinfer.quant`).
     kv_cache: "int8" stores the KV cache as int8 with per-token-per-head scales.
+    plan: a `partitioning.plan.Plan`; weights and cache are placed on `mesh` (default: all devices
+    as the plan's x, y, z mesh) and prefill and decode run under the plan's layouts.
+    collectives: "xla" (sharding constraints; XLA picks the collectives) or "explicit" (the
+    paper's collectives written out per chip, `partitioning.collective_layer`; float weights).
     """
     dtype = _check_dtype(dtype)
     qc = None if quantize is None else quant.QuantConfig.from_mode(quantize, group_size)
@@ -202,4 +238,5 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
     elif stored is not None:
         qc = quant.QuantConfig.from_dict(stored)
     return Model(cfg, params, Tokenizer.from_dir(source), attention_backend=attention_backend,
-                 layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc)
+                 layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc, plan=plan,
+                 mesh=mesh, collectives=collectives)

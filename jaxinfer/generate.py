@@ -113,14 +113,31 @@ def _seen_from_prompts(tokens: jax.Array, lengths: jax.Array, vocab: int) -> jax
 class Generator:
     """Compiled prefill + decode programs for one model, cached per shape bucket."""
 
-    def __init__(self, cfg: ModelConfig, runtime: model_lib.Runtime, cache_dtype):
+    def __init__(self, cfg: ModelConfig, runtime: model_lib.Runtime, cache_dtype,
+                 placement=None):
+        """placement: an optional `partitioning.sharding.Placement`; prefill and decode then run
+        under its phases' layouts, with the KV cache resharded between them."""
         self.cfg = cfg
         self.runtime = runtime
         self.cache_dtype = cache_dtype
-        self._prefill = jax.jit(functools.partial(model_lib.prefill, cfg=cfg, rt=runtime),
-                                donate_argnames=("cache",))
-        self._decode = jax.jit(functools.partial(decode_loop, cfg=cfg, rt=runtime),
+        self.placement = placement
+        prefill_rt = runtime if placement is None else placement.runtime("prefill", runtime)
+        decode_rt = runtime if placement is None else placement.runtime("decode", runtime)
+        # Under a plan the prefilled cache leaves in prefill's attention sharding (then resharded).
+        out_shardings = None if placement is None else placement.prefill_out_shardings(
+            KVCache.abstract(cfg, 1, 1, cache_dtype))
+        self._prefill = jax.jit(functools.partial(model_lib.prefill, cfg=cfg, rt=prefill_rt),
+                                donate_argnames=("cache",), out_shardings=out_shardings)
+        self._decode = jax.jit(functools.partial(decode_loop, cfg=cfg, rt=decode_rt),
                                donate_argnames=("state",))
+
+    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+        cache = KVCache.init(self.cfg, batch, max_len, self.cache_dtype)
+        return cache if self.placement is None else self.placement.reshard_cache(cache, "prefill")
+
+    def _to_decode(self, cache: KVCache) -> KVCache:
+        """Reshard the cache from prefill's attention sharding to decode's (pope2022.md §6.4)."""
+        return cache if self.placement is None else self.placement.reshard_cache(cache, "decode")
 
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         cfg = self.cfg
@@ -148,6 +165,9 @@ class Generator:
         sampling.validate(cfg.vocab_size)
         n = len(prompts)
         batch = bucket(n, 1)
+        if self.placement is not None:
+            multiple = self.placement.batch_multiple
+            batch = -(-batch // multiple) * multiple  # pad the batch to split evenly
         longest = max(len(p) for p in prompts)
         t_len = bucket(longest, MIN_PROMPT_BUCKET, cfg.max_context)
         out_len = bucket(max_new_tokens, MIN_OUTPUT_BUCKET)
@@ -157,9 +177,10 @@ class Generator:
             tokens[i, :len(prompt)] = prompt
             lengths[i] = len(prompt)
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
-        cache = KVCache.init(cfg, batch, t_len + out_len, self.cache_dtype)
+        cache = self._new_cache(batch, t_len + out_len)
         t_start = time.perf_counter()
         first_logits, cache = self._prefill(params, tokens, lengths, cache)
+        cache = self._to_decode(cache)
         first_logits.block_until_ready()
         t_prefill = time.perf_counter()
         base_key = jax.random.key(seed)

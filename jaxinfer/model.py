@@ -33,12 +33,33 @@ class Runtime:
     """How (not what) the model computes; hashable, passed as a static argument."""
 
     attention_backend: str = "xla"
-    """'auto', 'xla', 'tpu' or 'gpu' (see `pallas_kernels`)."""
+    """'auto', 'xla', 'tpu' or 'gpu' (see `pallas_kernels`); 'tpu-interpret' / 'gpu-interpret'
+    run the same Pallas kernels in the interpreter on any platform (tests, debugging)."""
     constrain: Constrain | None = None
     """Optional sharding constraint applied to activations, given their logical axes."""
+    constrain_attention: Constrain | None = None
+    """Optional constraint inside attention (Q/K/V, attention output, KV cache); it differs from
+    `constrain` when attention is sharded over batch (`partitioning.layouts`)."""
+    layers: object | None = None
+    """Optional explicit partitioned layer stack (`partitioning.collective_layer.ShardedLayers`):
+    runs every decoder layer per chip with a layout's collectives instead of `_run_layers`."""
 
     def shard(self, x: jax.Array, names: tuple[str, ...]) -> jax.Array:
         return x if self.constrain is None else self.constrain(x, names)
+
+    def shard_attention(self, x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+        fn = self.constrain_attention or self.constrain
+        return x if fn is None else fn(x, names)
+
+    def shard_cache(self, cache: KVCache) -> KVCache:
+        """The KV cache constrained by the attention rules (keeps decode's layout in the loop)."""
+        if (self.constrain_attention or self.constrain) is None:
+            return cache
+        scales = {} if cache.k_scale is None else {
+            "k_scale": self.shard_attention(cache.k_scale, ax.KV_CACHE[:-1]),
+            "v_scale": self.shard_attention(cache.v_scale, ax.KV_CACHE[:-1])}
+        return cache.replace(k=self.shard_attention(cache.k, ax.KV_CACHE),
+                             v=self.shard_attention(cache.v, ax.KV_CACHE), **scales)
 
 
 # attend(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], layer) -> (attn [B, T, N, H], carry)
@@ -49,8 +70,10 @@ def _decoder_layer(x, p, positions, cfg: ModelConfig, rt: Runtime, attend, atten
     """One block, serial or parallel. x [B, T, D] -> [B, T, D]."""
     h = layers.norm(x, p["attn_norm"], cfg)
     q, k, v = layers.project_qkv(h, p, positions, cfg)
-    q, k, v = rt.shard(q, ax.QUERIES), rt.shard(k, ax.KEYS), rt.shard(v, ax.KEYS)
+    q, k, v = (rt.shard_attention(q, ax.QUERIES), rt.shard_attention(k, ax.KEYS),
+               rt.shard_attention(v, ax.KEYS))
     attn, attend_carry = attend(q, k, v, layer, attend_carry)
+    attn = rt.shard_attention(attn, ax.QUERIES)
     attn_out = layers.project_out(attn, p)
     if cfg.parallel_block:
         x = x + attn_out + layers.feed_forward(h, p, cfg)
@@ -106,7 +129,10 @@ def forward_logits(params, tokens: jax.Array, cfg: ModelConfig, rt: Runtime = Ru
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = _embed(params, tokens, cfg, rt)
-    x, _ = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, None), None)
+    if rt.layers is not None:
+        x, _ = rt.layers.prefill(params["layers"], x, positions, None, None)
+    else:
+        x, _ = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, None), None)
     return rt.shard(layers.unembed(x, params, cfg), ax.LOGITS)
 
 
@@ -125,7 +151,10 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, cfg: 
     kv_shape = (cfg.n_layers, b, cfg.n_kv_heads, t, cfg.head_dim)
     kv_dtype = x.dtype if cache.quantized else cache.k.dtype  # an int8 cache quantizes on write
     kv = (jnp.zeros(kv_shape, kv_dtype), jnp.zeros(kv_shape, kv_dtype))
-    x, (ks, vs) = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, lengths), kv)
+    if rt.layers is not None:
+        x, (ks, vs) = rt.layers.prefill(params["layers"], x, positions, lengths, kv)
+    else:
+        x, (ks, vs) = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, lengths), kv)
     cache = cache.write_prefill(ks, vs, lengths)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return layers.unembed(last, params, cfg)[:, 0], cache
@@ -141,7 +170,7 @@ def decode_step(params, tokens: jax.Array, cache: KVCache, cfg: ModelConfig,
     x = _embed(params, tokens[:, None], cfg, rt)
 
     def attend(q, k, v, layer, cache):
-        cache = cache.write_token(layer, k[:, 0], v[:, 0])
+        cache = rt.shard_cache(cache.write_token(layer, k[:, 0], v[:, 0]))
         out = pallas_kernels.decode_attention(
             q[:, 0], cache.k[layer], cache.v[layer], cache.lengths + 1,
             k_scale=None if cache.k_scale is None else cache.k_scale[layer],
@@ -149,6 +178,9 @@ def decode_step(params, tokens: jax.Array, cache: KVCache, cfg: ModelConfig,
             backend=rt.attention_backend)  # [B, N, H]
         return out[:, None], cache
 
-    x, cache = _run_layers(params, x, positions, cfg, rt, attend, cache)
+    if rt.layers is not None:
+        x, cache = rt.layers.decode(params["layers"], x, positions, cache)
+    else:
+        x, cache = _run_layers(params, x, positions, cfg, rt, attend, cache)
     logits = layers.unembed(x, params, cfg)[:, 0]
     return logits, cache.replace(lengths=cache.lengths + 1)

@@ -65,21 +65,42 @@ def flash_attention_ref(q, k, v, *, causal=True, lengths=None, sm_scale=None):
     return grouped_attention(q, k, v, mask, sm_scale).astype(q.dtype)
 
 
-def dequantize_cache(cache: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """int8 cache [B, K, S, H] with per-token-per-head scales [B, K, S] -> float32; floats pass through."""
-    if scale is None:
-        if jnp.issubdtype(cache.dtype, jnp.integer):
-            raise ValueError("an int8 KV cache needs its scales (k_scale / v_scale)")
-        return cache
-    return cache.astype(jnp.float32) * scale[..., None]
+def _check_cache_scale(cache: jax.Array, scale: jax.Array | None) -> None:
+    if jnp.issubdtype(cache.dtype, jnp.integer) and scale is None:
+        raise ValueError("an int8 KV cache needs its scales (k_scale / v_scale)")
+    if scale is not None and scale.shape != cache.shape[:3]:
+        raise ValueError(f"cache scales must have shape {cache.shape[:3]} [B, K, S], "
+                         f"got {scale.shape}")
 
 
 def decode_attention_ref(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=None,
                          sm_scale=None):
-    """Reference for `decode_attention`: q [B, N, H] attends to cache positions < lengths[b]."""
-    sm_scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    k = dequantize_cache(k_cache, k_scale)
-    v = dequantize_cache(v_cache, v_scale)
-    mask = attention_mask(1, k.shape[2], causal=False, lengths=lengths, batch=q.shape[0])
-    out = grouped_attention(q[:, :, None, :], k, v, mask, sm_scale)  # [B, N, 1, H]
-    return out[:, :, 0, :].astype(q.dtype)
+    """Reference for `decode_attention`: q [B, N, H] attends to cache positions < lengths[b].
+
+    Semantics: softmax(sm_scale * q . (k_int8 * k_scale)) . (v_int8 * v_scale), f32 accumulation,
+    zeros where lengths[b] == 0. Written to stay cheap as the CPU decode path: the dots contract the
+    caches in their stored [B, K, S, H] layout (no transposed or f32 copy of a float cache), int8
+    scales are folded into the scores / probabilities instead of into a dequantized cache, and the
+    probabilities enter the value dot in the cache's compute dtype with f32 accumulation.
+    """
+    _check_cache_scale(k_cache, k_scale)
+    _check_cache_scale(v_cache, v_scale)
+    b, n, h = q.shape
+    kv_heads, s_len = k_cache.shape[1], k_cache.shape[2]
+    sm_scale = default_sm_scale(h) if sm_scale is None else sm_scale
+    compute = q.dtype if jnp.issubdtype(q.dtype, jnp.floating) else jnp.float32
+    k = k_cache.astype(compute) if k_scale is not None else k_cache  # int8 -> q dtype is exact
+    v = v_cache.astype(compute) if v_scale is not None else v_cache
+    qg = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
+    scores = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
+    scale = sm_scale if k_scale is None else sm_scale * k_scale[:, :, None, :]  # [B, K, 1, S]
+    visible = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    scores = jnp.where(visible, scores * scale, MASK_VALUE)  # [B, K, G, S]
+    probs = jnp.where(visible, jnp.exp(scores - jnp.max(scores, -1, keepdims=True)), 0.0)
+    denom = jnp.sum(probs, axis=-1, keepdims=True)  # [B, K, G, 1]
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, :]
+    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)  # [B, K, G, H]
+    out = out / jnp.where(denom == 0.0, 1.0, denom)
+    return out.reshape(b, n, h).astype(q.dtype)

@@ -25,6 +25,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--latency-target-ms", type=float, default=None,
                    help="minimise cost per token among plans at most this slow")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--audit", action="store_true",
+                   help="also compile one step of the best plan on this machine's devices and "
+                   "compare its HLO collectives with the cost model (partitioning.audit)")
     p.set_defaults(handler=run_plan)
 
 
@@ -71,14 +74,34 @@ def run_plan(args) -> int:
     if target is not None and result.best.estimate.step_time_s > target:
         raise ValueError(f"no plan meets the latency target of {args.latency_target_ms} ms; the "
                          f"fastest takes {result.best.estimate.step_time_s * 1e3:.3g} ms")
+    audit = _audit(cfg, args, wl, result.best.plan) if args.audit else None
     if args.json:
         out = plan_to_json(result.best, hw.name)
+        if audit is not None:
+            out["audit"] = audit.rows()
         out["runners_up"] = [dict(plan_to_json(c, hw.name), lost_because=c.rejected)
                              for c in result.runners_up]
         print(json.dumps(out, indent=2))
     else:
         _print_plan(cfg, args, result, hw)
+        if audit is not None:
+            from partitioning.audit import format_audit
+            print(format_audit(audit))
     return 0
+
+
+def _audit(cfg, args, wl: Workload, plan):
+    """HLO audit of the chosen plan's step: bfloat16, or float32 on CPU (XLA:CPU widens bf16
+    collectives to f32, which would double every measured byte)."""
+    import jax
+    import jax.numpy as jnp
+
+    from partitioning.audit import audit_step
+    if args.weights != "bf16":
+        raise ValueError("--audit compiles the float layers (bf16); drop --weights "
+                         f"{args.weights} to audit the layout's collectives")
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return audit_step(cfg, plan, args.batch, wl.context, wl.tokens, dtype=dtype)
 
 
 def _print_plan(cfg, args, result, hw) -> None:

@@ -122,6 +122,19 @@ def _layer_matrices(cfg: ModelConfig) -> int:
     return E * Q * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + E * F * (_ffn_inputs(cfg) + 1)
 
 
+def _stored_matrices(cfg: ModelConfig, sizes: dict) -> list[tuple[str, float, tuple[str, ...]]]:
+    """One layer's matrices in 2D storage (E_x F_yz, §5.3), grouped by the mesh axes they are
+    split over: K/V projections whose heads do not divide over y*z are stored replicated over
+    y, z (the baseline multiquery layout, §6.1), split only over x."""
+    E, Q, K = cfg.d_model, cfg.head_dim, cfg.n_kv_heads
+    kv = E * Q * 2 * K
+    full = _layer_matrices(cfg) - kv
+    if K % (sizes["y"] * sizes["z"]) == 0:
+        return [("layer weights", full + kv, ("x", "y", "z"))]
+    return [("layer weights", full, ("x", "y", "z")),
+            ("K/V weights (heads replicated)", kv, ("x",))]
+
+
 def _ws_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
                     fuse: bool = True) -> list[Collective]:
     """1D (§5.1) or 2D (§5.2) weight-stationary, attention per §6.2."""
@@ -189,8 +202,11 @@ def _wg_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Col
     G = math.prod(s[ax] for ax in gathered)
     R = math.prod(s[ax] for ax in rest)
     BL, E, N, Q = wl.batch * wl.tokens, cfg.d_model, cfg.n_heads, cfg.head_dim
-    out = _coll("all-gather", gathered, s, _layer_matrices(cfg) * G / plan.mesh.n,
-                wl.weight_bytes, "layer weights")
+    out = []
+    for what, elements, stored in _stored_matrices(cfg, s):
+        kept = math.prod(s[ax] for ax in stored if ax not in gathered)
+        out += _coll("all-gather", tuple(ax for ax in gathered if ax in stored), s,
+                     elements / kept, wl.weight_bytes, what)
     for _ in range(_blocks(cfg)):
         out += _coll("all-gather", rest, s, BL * E / G, wl.act_bytes, "block input BLE")
         out += _coll("reduce-scatter", rest, s, BL * E / G, wl.act_bytes, "block output BLE")
@@ -322,9 +338,10 @@ def ffn_comm_elements(E: int, F: int, BL: int, layout: str, mesh, exact: bool = 
     wl = Workload(batch=BL, tokens=1, context=1, weight_bytes=1.0, act_bytes=1.0)
     total = 0.0
     for c in layer_collectives(cfg, plan, wl, fuse=False):
-        if c.what.startswith(("queries", "keys", "values", "attention", "attn")):
+        if c.what.startswith(("queries", "keys", "values", "attention", "attn", "K/V")):
             continue
         if c.what == "layer weights":  # only the two FFN matrices
-            c = dataclasses.replace(c, elements=2 * E * F * c.elements / _layer_matrices(cfg))
+            stored = dict((what, n) for what, n, _ in _stored_matrices(cfg, plan.mesh.as_dict()))
+            c = dataclasses.replace(c, elements=2 * E * F * c.elements / stored[c.what])
         total += c.bytes_per_chip if exact else c.bytes_per_chip * c.group / (c.group - 1)
     return total

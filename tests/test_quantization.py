@@ -107,7 +107,7 @@ def test_quantized_tree_layout_and_axes(quantized_models):
             assert ax.data[:2] == spec.axes[:2] and ax.scale[1] is None
         assert isinstance(params["unembed"], QuantizedWeight)
         assert params["embed"].dtype == jnp.float32  # the gather table stays float
-    assert m8.params["layers"]["wo"].data.shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim,
+    assert stack_layers(m8.params)["layers"]["wo"].data.shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim,
                                                     cfg.d_model)
 
 
@@ -205,7 +205,7 @@ def test_quantized_checkpoint_round_trips_exactly(family_checkpoints, tmp_path, 
     with open(os.path.join(out, "jaxinfer.json")) as fh:
         assert json.load(fh)["quantization"] == {"bits": 8 if mode == "int8" else 4,
                                                  "group_size": group}
-    loaded = jaxinfer.load(out)
+    loaded = jaxinfer.load(out, layer_loop="scan")
     assert loaded.quantization == model.quantization
     saved, restored = stack_layers(model.params), loaded.params
     assert jax.tree.structure(saved) == jax.tree.structure(restored)

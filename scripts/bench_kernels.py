@@ -1,0 +1,172 @@
+"""Achieved bytes/s and FLOP/s of jaxinfer's Pallas kernels vs the XLA reference and vs the
+`jax.experimental.pallas.ops` counterparts, on whatever accelerator JAX sees.
+
+    python scripts/bench_kernels.py            # full sizes on TPU/GPU, small sizes on CPU
+    python scripts/bench_kernels.py --small    # small sizes everywhere (smoke run)
+
+On CPU only the XLA paths run (the Pallas kernels need an accelerator; interpret mode is for
+correctness, not speed). Counterparts: GPU `ops.gpu.decode_attention.gqa` (its cache layout
+[B, S, K, H] is produced by a transpose outside the timed call) and `ops.gpu.attention.mha`
+(MHA only: K/V repeated to N heads outside the timed call); TPU `ops.tpu.flash_attention`
+(likewise MHA). TPU paged attention takes a paged cache layout and is not compared.
+Bytes are the compulsory HBM traffic (inputs once, outputs once); FLOPs count 2 per multiply-add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from pallas_kernels.attention_ref import decode_attention_ref, flash_attention_ref
+
+PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5 lite": 819e9,
+            "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v6": 1640e9, "TPU v4": 1200e9}
+
+
+def peak_bandwidth() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((bw for name, bw in PEAK_HBM.items() if name in kind), None)
+
+
+def timeit(fn, *args, iters: int = 20) -> float:
+    """Median seconds of one call of jitted fn (after compile and warm-up)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name: str, seconds: float, nbytes: float, flops: float) -> None:
+    peak = peak_bandwidth()
+    frac = f"  {nbytes / seconds / peak:6.1%} of HBM peak" if peak else ""
+    print(f"  {name:34s} {seconds * 1e6:10.1f} us  {nbytes / seconds / 1e9:8.1f} GB/s  "
+          f"{flops / seconds / 1e12:7.2f} TFLOP/s{frac}")
+
+
+def run(name, fn, args, nbytes, flops):
+    try:
+        report(name, timeit(jax.jit(fn), *args), nbytes, flops)
+    except Exception as err:  # a counterpart that cannot take this shape is reported, not fatal
+        print(f"  {name:34s} failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}")
+
+
+def bench_decode(platform, b, n, kv_heads, s, h, dtype, int8):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, n, h), dtype)
+    k = jax.random.normal(keys[1], (b, kv_heads, s, h), dtype)
+    v = jax.random.normal(keys[2], (b, kv_heads, s, h), dtype)
+    lengths = jnp.full((b,), s, jnp.int32)
+    scales = {}
+    if int8:
+        k, v = (x.astype(jnp.int8) for x in (k, v))
+        scales = dict(k_scale=jnp.full((b, kv_heads, s), 0.02, jnp.float32),
+                      v_scale=jnp.full((b, kv_heads, s), 0.02, jnp.float32))
+    elem = k.dtype.itemsize
+    nbytes = 2 * b * kv_heads * s * h * elem + 2 * b * n * h * q.dtype.itemsize
+    nbytes += 2 * b * kv_heads * s * 4 if int8 else 0
+    flops = 4 * b * n * s * h
+    print(f"decode B={b} N={n} K={kv_heads} S={s} H={h} {jnp.dtype(dtype).name}"
+          f"{' int8 cache' if int8 else ''}: {nbytes / 1e6:.1f} MB")
+    run("xla reference", lambda q, k, v, l: decode_attention_ref(q, k, v, l, **scales),
+        (q, k, v, lengths), nbytes, flops)
+    if platform in ("tpu", "gpu"):
+        run(f"jaxinfer {platform} kernel",
+            lambda q, k, v, l: pallas_kernels.decode_attention(q, k, v, l, backend=platform,
+                                                               **scales),
+            (q, k, v, lengths), nbytes, flops)
+    if platform == "gpu" and not int8:
+        from jax.experimental.pallas.ops.gpu import decode_attention as ops_decode
+        kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H], outside the timing
+        run("pallas.ops.gpu.decode_attention.gqa",
+            lambda q, k, v, l: ops_decode.gqa(q, k, v, kv_seq_len=l), (q, kt, vt, lengths),
+            nbytes, flops)
+
+
+def bench_flash(platform, b, n, kv_heads, t, h, dtype):
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, n, t, h), dtype)
+    k = jax.random.normal(keys[1], (b, kv_heads, t, h), dtype)
+    v = jax.random.normal(keys[2], (b, kv_heads, t, h), dtype)
+    elem = jnp.dtype(dtype).itemsize
+    nbytes = (2 * b * n * t * h + 2 * b * kv_heads * t * h) * elem
+    flops = 4 * b * n * t * t * h // 2  # causal: half the score matrix
+    print(f"flash (causal prefill) B={b} N={n} K={kv_heads} T=S={t} H={h} "
+          f"{jnp.dtype(dtype).name}")
+    run("xla reference", lambda q, k, v: flash_attention_ref(q, k, v, causal=True),
+        (q, k, v), nbytes, flops)
+    if platform not in ("tpu", "gpu"):
+        return
+    run(f"jaxinfer {platform} kernel",
+        lambda q, k, v: pallas_kernels.flash_attention(q, k, v, causal=True, backend=platform),
+        (q, k, v), nbytes, flops)
+    rep = n // kv_heads
+    k_full, v_full = jnp.repeat(k, rep, axis=1), jnp.repeat(v, rep, axis=1)  # MHA counterparts
+    scale = h ** -0.5
+    if platform == "gpu":
+        from jax.experimental.pallas.ops.gpu import attention as ops_attention
+        args = tuple(jnp.swapaxes(x, 1, 2) for x in (q, k_full, v_full))  # [B, T, N, H]
+        run("pallas.ops.gpu.attention.mha (K/V repeated)",
+            lambda q, k, v: ops_attention.mha(q, k, v, None, sm_scale=scale, causal=True),
+            args, nbytes, flops)
+    else:
+        from jax.experimental.pallas.ops.tpu import flash_attention as ops_flash
+        run("pallas.ops.tpu.flash_attention (K/V repeated)",
+            lambda q, k, v: ops_flash.flash_attention(q, k, v, causal=True, sm_scale=scale),
+            (q, k_full, v_full), nbytes, flops)
+
+
+def bench_quantized_matmul(platform, k_dim, n_dim, ms):
+    if not hasattr(pallas_kernels, "quantized_matmul"):
+        print("quantized_matmul not available: skipped")
+        return
+    w = jax.random.normal(jax.random.key(2), (k_dim, n_dim), jnp.float32) * 0.02
+    weights = {"int8": pallas_kernels.quantize_weights(w, bits=8),
+               "int4 g128": pallas_kernels.quantize_weights(w, bits=4, group_size=128)}
+    w16 = w.astype(jnp.bfloat16)
+    backend = platform if platform in ("tpu", "gpu") else "xla"
+    for m in ms:
+        x = jax.random.normal(jax.random.key(3), (m, k_dim), jnp.bfloat16)
+        flops = 2 * m * k_dim * n_dim
+        print(f"matmul M={m} K={k_dim} N={n_dim} bf16 activations")
+        base = timeit(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+                              .astype(x.dtype)), x, w16)
+        report("bf16 XLA dot", base, k_dim * n_dim * 2, flops)
+        for name, qw in weights.items():
+            nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(qw))
+            fn = jax.jit(lambda x, qw: pallas_kernels.quantized_matmul(x, qw, backend=backend))
+            seconds = timeit(fn, x, qw)
+            report(f"{name} {backend} ({base / seconds:.2f}x bf16)", seconds, nbytes, flops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="small shapes (smoke run)")
+    args = parser.parse_args()
+    platform = jax.default_backend()
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    small = args.small or platform == "cpu"
+    print(f"device: {jax.devices()[0].device_kind} ({platform}); peak HBM "
+          f"{peak_bandwidth() or 'unknown'} B/s")
+    if platform not in ("tpu", "gpu"):
+        print("no accelerator: the Pallas kernels need a TPU or GPU; timing the XLA paths only")
+    bf16 = jnp.bfloat16
+    s = 1024 if small else 8192
+    for n, kv_heads in ((32, 8), (32, 1)):
+        bench_decode(platform, 4 if small else 8, n, kv_heads, s, 128, bf16, int8=False)
+    bench_decode(platform, 4 if small else 8, 32, 8, s, 128, bf16, int8=True)
+    bench_flash(platform, 1, 8 if small else 32, 2 if small else 8, 256 if small else 4096, 128,
+                bf16)
+    bench_quantized_matmul(platform, 1024 if small else 8192, 1024 if small else 8192,
+                           (1, 16) if small else (1, 8, 16))
+
+
+if __name__ == "__main__":
+    main()
