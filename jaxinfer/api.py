@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import builtin, checkpoint, model as model_lib, quant
+from jaxinfer import builtin, checkpoint, hf_weights, model as model_lib, quant
 from jaxinfer.cache import KVCache
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import ModelConfig
@@ -34,6 +34,14 @@ COLLECTIVES = ("xla", "explicit")
 collectives (`partitioning.collective_layer`)."""
 
 
+def _layer_loop(layer_loop: str) -> str:
+    if layer_loop not in LAYER_LOOPS + ("auto",):
+        raise ValueError(f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, got {layer_loop!r}")
+    if layer_loop == "auto":
+        return "unrolled" if jax.default_backend() == "cpu" else "scan"
+    return layer_loop
+
+
 def _check_dtype(dtype) -> jnp.dtype:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in DTYPES:
@@ -48,17 +56,13 @@ class Model:
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  kv_cache: str | None = None, quantization: quant.QuantConfig | None = None,
                  plan=None, mesh=None, collectives: str = "xla"):
-        if layer_loop not in LAYER_LOOPS + ("auto",):
-            raise ValueError(f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, "
-                             f"got {layer_loop!r}")
-        if layer_loop == "auto":
-            layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
+        layer_loop = _layer_loop(layer_loop)
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
         if (quantization is not None) != quant.is_quantized(params):
             raise ValueError("pass quantization exactly when the parameters are quantized")
         self.config = config
-        self.params = unstack_layers(params) if layer_loop == "unrolled" else stack_layers(params)
+        restructure = unstack_layers if layer_loop == "unrolled" else stack_layers
         self.layer_loop = layer_loop
         self.tokenizer = tokenizer
         self.runtime = model_lib.Runtime(attention_backend=attention_backend)
@@ -71,8 +75,12 @@ class Model:
                              "collectives='xla' for a quantized model under a plan")
         self.placement = _placement(config, plan, mesh, collectives)
         logits_rt = self.runtime
-        if self.placement is not None:
-            self.params = self.placement.place_params(self.params, quantization)
+        if self.placement is None:
+            self.params = restructure(params)
+        else:
+            if _on_host(params):  # host arrays: placed first, restructured on the mesh
+                params = self.placement.place_params(params, quantization)
+            self.params = self.placement.restructure_params(params, restructure, quantization)
             logits_rt = self.placement.runtime("prefill", self.runtime)
         self._generator = Generator(config, self.runtime, cache_dtype=self.cache_dtype,
                                     placement=self.placement)
@@ -170,6 +178,10 @@ class Model:
                                  self.quantization.to_dict() if self.quantization else None)
 
 
+def _on_host(params) -> bool:
+    return any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+
+
 def _placement(cfg: ModelConfig, plan, mesh, collectives: str):
     """A `partitioning.sharding.Placement` for `plan` (mesh: a `jax.sharding.Mesh` with axes
     x, y, z, built from all devices by default), or None without a plan."""
@@ -219,24 +231,32 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
     if not os.path.isdir(source):
         raise CheckpointError(f"checkpoint directory {source!r} does not exist")
     stored = None
+    placement = _placement(checkpoint.read_config(source), plan, mesh, collectives)
     if checkpoint.is_jaxinfer_checkpoint(source):
         stored = checkpoint.read_quantization(source)
         if stored is not None and qc is not None:
             raise ValueError(f"{source} is already quantized (int{stored['bits']}); load it "
                              "without quantize=, or quantize its float checkpoint")
-        cfg, params = checkpoint.load_jaxinfer(source)
+        shardings = None if placement is None else functools.partial(
+            placement.param_shardings,
+            quantization=None if stored is None else quant.QuantConfig.from_dict(stored))
+        cfg, params = checkpoint.load_jaxinfer(source, shardings)
         if builtin_dir is not None:  # shipped in bfloat16 to stay small; computed in `dtype`
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-    elif checkpoint.is_hf_checkpoint(source):
-        cfg, params = checkpoint.load_hf(source, dtype)
+    elif placement is not None:  # each process reads only its devices' shards
+        cfg = placement.cfg
+        reader = hf_weights.SafetensorsReader(source)
+        abstract = abstract_params(cfg, dtype)
+        params = placement.read_params(
+            jax.eval_shape(unstack_layers, abstract) if _layer_loop(layer_loop) == "unrolled"
+            else abstract,
+            functools.partial(hf_weights.read_hf_shard, reader, cfg, dtype.name))
     else:
-        raise CheckpointError(f"{source} is neither a jaxinfer checkpoint "
-                              f"({checkpoint.JAXINFER_META}) nor a Hugging Face checkpoint "
-                              "(config.json)")
+        cfg, params = checkpoint.load_hf(source, dtype)
     if qc is not None:
         params = quant.quantize_params(params, cfg, qc)
     elif stored is not None:
         qc = quant.QuantConfig.from_dict(stored)
     return Model(cfg, params, Tokenizer.from_dir(source), attention_backend=attention_backend,
                  layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc, plan=plan,
-                 mesh=mesh, collectives=collectives)
+                 mesh=mesh if placement is None else placement.mesh, collectives=collectives)

@@ -52,7 +52,7 @@ def read_hf_config(path: str) -> ModelConfig:
 def read_config(path: str) -> ModelConfig:
     """The `ModelConfig` of any supported checkpoint directory."""
     if is_jaxinfer_checkpoint(path):
-        return ModelConfig.from_dict(_read_json(os.path.join(path, JAXINFER_META))["config"])
+        return _read_jaxinfer_meta(path)[0]
     if is_hf_checkpoint(path):
         return read_hf_config(path)
     raise CheckpointError(f"{path} is neither a jaxinfer checkpoint ({JAXINFER_META}) nor a "
@@ -99,16 +99,23 @@ def save_jaxinfer(path: str, cfg: ModelConfig, params: Params,
         json.dump(meta, fh, indent=2, sort_keys=True)
 
 
-def load_jaxinfer(path: str) -> tuple[ModelConfig, Params]:
-    path = os.path.abspath(path)
+def _read_jaxinfer_meta(path: str) -> tuple[ModelConfig, dict]:
     meta = _read_json(os.path.join(path, JAXINFER_META))
     if meta.get("format") != "jaxinfer" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported jaxinfer checkpoint format "
                               f"{meta.get('format')!r} version {meta.get('version')!r}")
     try:
-        cfg = ModelConfig.from_dict(meta["config"])
+        return ModelConfig.from_dict(meta["config"]), meta
     except (KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{path}: corrupt model config in {JAXINFER_META}: {err}") from None
+
+
+def load_jaxinfer(path: str, shardings=None) -> tuple[ModelConfig, Params]:
+    """Restore a jaxinfer checkpoint. shardings: optional function (expected abstract params ->
+    a tree of `jax.sharding.Sharding`); orbax then restores each array straight into its shards,
+    every process reading only the shards its devices hold."""
+    path = os.path.abspath(path)
+    cfg, meta = _read_jaxinfer_meta(path)
     checkpointer = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
@@ -120,6 +127,11 @@ def load_jaxinfer(path: str) -> tuple[ModelConfig, Params]:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
         expected_tree = _expected_params(cfg, meta)
         expected = flax.serialization.to_state_dict(expected_tree)
+        if shardings is not None:
+            placed = flax.serialization.to_state_dict(shardings(expected_tree))
+            target = jax.tree.map(lambda t, sh: jax.ShapeDtypeStruct(t.shape, t.dtype,
+                                                                     sharding=sh),
+                                  target, placed)
         if jax.tree.structure(target) != jax.tree.structure(expected):
             raise CheckpointError(f"{path}: stored parameter tree does not match its config")
         for (key, got), want in zip(jax.tree_util.tree_leaves_with_path(target),

@@ -24,6 +24,7 @@ import socket
 import time
 
 import jax
+import numpy as np
 
 
 class DistributedError(RuntimeError):
@@ -190,6 +191,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=int(timeout_s))
     return group
+
+
+def broadcast_from_process_zero(obj):
+    """A JSON-serializable object (e.g. prompts read on process 0 only) as process 0 has it,
+    returned on every process; a no-op in a single process."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    leader = jax.process_index() == 0
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if leader else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buf = data if leader else np.zeros(size, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
 
 
 def shutdown() -> None:

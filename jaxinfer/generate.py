@@ -110,6 +110,15 @@ def _seen_from_prompts(tokens: jax.Array, lengths: jax.Array, vocab: int) -> jax
     return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(valid)
 
 
+def _fetch(arrays):
+    """Host copies of (possibly multi-process) arrays: arrays split over several processes'
+    devices are all-gathered, so every process returns every sequence's result."""
+    if all(x.is_fully_addressable or x.is_fully_replicated for x in arrays):
+        return jax.device_get(arrays)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(arrays, tiled=True)
+
+
 class Generator:
     """Compiled prefill + decode programs for one model, cached per shape bucket."""
 
@@ -194,7 +203,7 @@ class Generator:
         stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
         state = self._decode(params, first_logits, state, sampling.device_params(), stop_ids,
                              jnp.int32(max_new_tokens))
-        tokens, logprobs, num, stopped = jax.device_get(
+        tokens, logprobs, num, stopped = _fetch(
             (state.tokens, state.logprobs, state.num_generated, state.stopped))
         timings = {"prefill_s": t_prefill - t_start, "decode_s": time.perf_counter() - t_prefill}
         return GenerationResult(

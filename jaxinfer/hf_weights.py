@@ -8,14 +8,16 @@ stacked along the leading ``layers`` axis. Missing tensors, wrong shapes and cor
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import struct
 from typing import Callable
 
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.params import Params, check_params
@@ -25,12 +27,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_CHUNK_BYTES = 32 * 2**20
+"""Row blocks of at most this many bytes are read at a time when slicing columns, so reading a
+column shard of a tensor never holds the whole tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+    filename: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Absolute byte offset of the first element in the file."""
+
+
 class SafetensorsReader:
-    """Reads tensors by name from a single ``model.safetensors`` or a sharded index."""
+    """Reads tensors, or row/column blocks of them, by name from a single ``model.safetensors``
+    or a sharded index.
+
+    Reads go through ``os.pread`` of exactly the bytes needed (the safetensors layout: an 8-byte
+    header length, a JSON header, row-major data), not through a memory map: a process loading
+    its shard of a model then holds that shard only, not page-cache pages of the whole file
+    (sharded multi-host loading, `read_hf_shard`).
+    """
+
+    bytes_read = 0
+    """Bytes read from weight files by all readers of this process (loading statistics)."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict[str, _TensorInfo]] = {}
         index_path = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index_path):
             try:
@@ -44,39 +73,76 @@ class SafetensorsReader:
                 raise CheckpointError(f"no *.safetensors weight files in {directory}")
             weight_map = {}
             for name in files:
-                for key in self._keys(name):
+                for key in self._header(name):
                     weight_map[key] = name
         self.weight_map: dict[str, str] = weight_map
 
-    def _open(self, filename: str):
-        if filename not in self._handles:
-            path = os.path.join(self.directory, filename)
-            if not os.path.exists(path):
-                raise CheckpointError(f"weight file {path} listed in the index is missing")
-            try:
-                self._handles[filename] = safe_open(path, framework="flax")
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(f"corrupt weight file {path}: {err}") from None
-        return self._handles[filename]
-
-    def _keys(self, filename: str) -> list[str]:
-        return list(self._open(filename).keys())
+    def _header(self, filename: str) -> dict[str, _TensorInfo]:
+        if filename in self._headers:
+            return self._headers[filename]
+        path = os.path.join(self.directory, filename)
+        if not os.path.exists(path):
+            raise CheckpointError(f"weight file {path} listed in the index is missing")
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(fh.read(n))
+            base, infos = 8 + n, {}
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                dtype, shape = np.dtype(_ST_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+                if end - begin != dtype.itemsize * math.prod(shape) or base + end > size:
+                    raise ValueError(f"tensor {name!r} bytes [{begin}, {end}) do not fit its "
+                                     f"shape {shape} {entry['dtype']} or the file ({size} bytes)")
+                infos[name] = _TensorInfo(filename, dtype, shape, base + begin)
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
+            raise CheckpointError(f"corrupt weight file {path}: {err}") from None
+        self._headers[filename] = infos
+        return infos
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> np.ndarray:
+    def info(self, name: str) -> _TensorInfo:
         if name not in self.weight_map:
             raise CheckpointError(f"weight {name!r} is missing from the checkpoint in "
                                   f"{self.directory}")
-        filename = self.weight_map[name]
-        try:
-            return np.asarray(self._open(filename).get_tensor(name))
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"cannot read weight {name!r} from "
-                                  f"{os.path.join(self.directory, filename)}: {err}") from None
+        header = self._header(self.weight_map[name])
+        if name not in header:
+            raise CheckpointError(f"weight {name!r} is missing from "
+                                  f"{os.path.join(self.directory, self.weight_map[name])}")
+        return header[name]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.get_block(name, slice(None))
+
+    def get_block(self, name: str, rows: slice, cols: slice | None = None) -> np.ndarray:
+        """``tensor[rows]`` (``tensor[rows, cols]`` for a matrix), reading only those rows."""
+        info = self.info(name)
+        r0, r1, _ = rows.indices(info.shape[0] if info.shape else 1)
+        row_elems = math.prod(info.shape[1:])
+        row_bytes = row_elems * info.dtype.itemsize
+        out = []
+        step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+        path = os.path.join(self.directory, info.filename)
+        with open(path, "rb") as fh:
+            for a in range(r0, max(r1, r0 + (not info.shape)), step):
+                b = min(a + step, r1) if info.shape else 1
+                buf = os.pread(fh.fileno(), (b - a) * row_bytes, info.offset + a * row_bytes)
+                SafetensorsReader.bytes_read += len(buf)
+                if len(buf) != (b - a) * row_bytes:
+                    raise CheckpointError(f"cannot read weight {name!r} from {path}: the file "
+                                          "is truncated")
+                block = np.frombuffer(buf, info.dtype).reshape((b - a,) + info.shape[1:])
+                out.append(block if cols is None else block[:, cols].copy())
+        if not info.shape:
+            return out[0].reshape(())
+        return np.concatenate(out) if len(out) != 1 else out[0]
 
 
 Read = Callable[[str], np.ndarray]
@@ -186,14 +252,46 @@ def read_hf_shard(reader: SafetensorsReader, cfg: ModelConfig, dtype, path: tupl
                   index: tuple[slice, ...]) -> np.ndarray:
     """One shard (`index` into the stacked parameter at `path`) read from the safetensors files.
 
-    Only the layers inside ``index[0]`` are read for layer weights, one HF tensor at a time, so a
+    Only the bytes of the shard's HF rows are read (layer by layer for layer weights), so a
     process holding a shard never materializes the whole parameter (sharded loading).
     """
-    read = _reader_fn(reader, dtype)
     fn = _leaf_readers(cfg)
     for key in path:
         fn = fn[key]
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
     if path[0] != "layers":
-        return np.ascontiguousarray(fn(read)[index])
+        return _read_leaf_shard(reader, fn, index, np_dtype)
     layers = range(cfg.n_layers)[index[0]]
-    return np.stack([layer[index[1:]] for layer in fn(read, layers)])
+    return np.stack([_read_leaf_shard(reader, lambda read, i=i: next(iter(fn(read, [i]))),
+                                      index[1:], np_dtype) for i in layers])
+
+
+def _read_leaf_shard(reader: SafetensorsReader, leaf: Callable[[Read], np.ndarray],
+                     index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    """``leaf(read)[index]`` reading only the HF rows the shard needs.
+
+    Every leaf is one HF tensor reshaped / transposed / sliced: applied to the tensor's row and
+    column numbers (zero-copy broadcast views) it says which HF element each shard element is.
+    """
+    used: list[str] = []
+
+    def numbers(axis: int) -> Read:
+        def read(name: str) -> np.ndarray:
+            used.append(name)
+            shape = reader.info(name).shape
+            ids = np.arange(shape[axis]).reshape([-1 if a == axis else 1
+                                                  for a in range(len(shape))])
+            return np.broadcast_to(ids, shape)
+        return read
+
+    rows = np.asarray(leaf(numbers(0))[index])
+    name = used[-1]
+    if rows.size == 0:
+        return np.empty(rows.shape, dtype)
+    r0 = int(rows.min())
+    if len(reader.info(name).shape) == 1:
+        return reader.get_block(name, slice(r0, int(rows.max()) + 1))[rows - r0].astype(dtype)
+    cols = np.asarray(leaf(numbers(1))[index])
+    c0 = int(cols.min())
+    block = reader.get_block(name, slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
+    return block[rows - r0, cols - c0].astype(dtype)

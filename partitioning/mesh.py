@@ -24,11 +24,22 @@ class MeshShape:
     x: int = 1
     y: int = 1
     z: int = 1
+    dcn: tuple[int, int, int] = (1, 1, 1)
+    """Granules (hosts, or TPU slices) along x, y, z, joined by the data-center network (DCN):
+    axis a spans dcn[a] granules of size[a] // dcn[a] chips on the fast interconnect (ICI or
+    NVLink). (1, 1, 1): the whole mesh on the fast interconnect."""
 
     def __post_init__(self):
         for name in AXIS_NAMES:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"mesh axis {name} must be a positive int, got {getattr(self, name)!r}")
+        dcn = tuple(self.dcn)
+        if len(dcn) != 3 or any(not isinstance(d, int) or d < 1 for d in dcn):
+            raise ValueError(f"dcn must be three positive ints (x, y, z), got {self.dcn!r}")
+        for name, size, d in zip(AXIS_NAMES, self.sizes, dcn):
+            if size % d:
+                raise ValueError(f"mesh axis {name} of size {size} cannot span {d} DCN granules")
+        object.__setattr__(self, "dcn", dcn)
 
     @property
     def n(self) -> int:
@@ -46,8 +57,22 @@ class MeshShape:
     def as_dict(self) -> dict[str, int]:
         return {"x": self.x, "y": self.y, "z": self.z}
 
+    @property
+    def granules(self) -> int:
+        """Hosts or slices the mesh spans (1: one fast-interconnect domain)."""
+        return math.prod(self.dcn)
+
+    def dcn_axes(self) -> tuple[str, ...]:
+        """The axes whose collectives cross the data-center network."""
+        return tuple(a for a, d in zip(AXIS_NAMES, self.dcn) if d > 1)
+
+    def ici_sizes(self) -> tuple[int, int, int]:
+        """Per-granule extent of each axis (the fast-interconnect part)."""
+        return tuple(s // d for s, d in zip(self.sizes, self.dcn))
+
     def __str__(self) -> str:
-        return f"{self.x}x{self.y}x{self.z}"
+        base = f"{self.x}x{self.y}x{self.z}"
+        return base if self.granules == 1 else base + " (dcn {}x{}x{})".format(*self.dcn)
 
     @classmethod
     def of(cls, value) -> "MeshShape":
@@ -92,12 +117,36 @@ def gpu_mesh_shape(n: int) -> MeshShape:
     return MeshShape(n, 1, 1)
 
 
+def granules_of(devices: Sequence) -> tuple[int, bool]:
+    """(number of DCN granules, whether they are processes) of `devices`: TPU slices when the
+    devices carry a slice index (hosts of one slice share the ICI torus), else processes."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices:
+        return len(slices), False
+    return len({d.process_index for d in devices}), True
+
+
+def dcn_placements(shape: MeshShape, granules: int) -> list[MeshShape]:
+    """`shape` with its `granules` put on one axis, for every axis they divide (the planner
+    prices each: the DCN axis should carry the cheapest collectives)."""
+    if granules == 1:
+        return [dataclasses.replace(shape, dcn=(1, 1, 1))]
+    out = []
+    for i, size in enumerate(shape.sizes):
+        if size % granules == 0:
+            dcn = [1, 1, 1]
+            dcn[i] = granules
+            out.append(dataclasses.replace(shape, dcn=tuple(dcn)))
+    return out
+
+
 def make_mesh(shape, devices: Sequence | None = None):
     """Build a `jax.sharding.Mesh` with axis names ('x', 'y', 'z') from real devices.
 
-    Single process: `jax.make_mesh` (topology-aware device order on TPU). Multi-process
-    (`jax.distributed`, `jax.process_count() > 1`): a hybrid mesh whose process (DCN) dimension is
-    put on the first axis that the process count divides, chips within a process on ICI.
+    One granule (a single process, or the hosts of one TPU slice): `jax.make_mesh`
+    (topology-aware device order on TPU). Several granules (`jax.distributed` processes on
+    GPU/CPU, TPU slices): a hybrid mesh, granules along the shape's DCN axis (`MeshShape.dcn`;
+    if unset, the first axis the granule count divides), chips of one granule on the fast links.
     """
     import jax
 
@@ -105,26 +154,27 @@ def make_mesh(shape, devices: Sequence | None = None):
     devices = list(devices) if devices is not None else jax.devices()
     if len(devices) != shape.n:
         raise ValueError(f"mesh {shape} needs {shape.n} devices, {len(devices)} available")
-    processes = len({d.process_index for d in devices})
-    if processes > 1:
-        return _hybrid_mesh(shape, devices, processes)
+    granules, by_process = granules_of(devices)
+    if granules > 1:
+        return _hybrid_mesh(shape, devices, granules, by_process)
     from jax.sharding import AxisType
     return jax.make_mesh(shape.sizes, AXIS_NAMES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _hybrid_mesh(shape: MeshShape, devices: Sequence, processes: int):
-    """ICI mesh inside each process times a DCN mesh across processes."""
+def _hybrid_mesh(shape: MeshShape, devices: Sequence, granules: int, by_process: bool):
+    """Fast-interconnect mesh inside each granule times a DCN mesh across granules."""
     from jax.experimental import mesh_utils
     from jax.sharding import Mesh
 
-    sizes = list(shape.sizes)
-    for axis, size in enumerate(sizes):
-        if size % processes == 0:
-            dcn = [1, 1, 1]
-            dcn[axis] = processes
-            ici = list(sizes)
-            ici[axis] = size // processes
-            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-            return Mesh(grid, AXIS_NAMES)
-    raise ValueError(f"mesh {shape}: no axis is divisible by the {processes} processes; "
-                     "choose a shape with one axis a multiple of jax.process_count()")
+    if shape.granules == 1:
+        placements = dcn_placements(shape, granules)
+        if not placements:
+            raise ValueError(f"mesh {shape}: no axis is divisible by the {granules} hosts/slices; "
+                             "choose a shape with one axis a multiple of them")
+        shape = placements[0]
+    elif shape.granules != granules:
+        raise ValueError(f"mesh {shape} spans {shape.granules} DCN granules but the devices "
+                         f"belong to {granules} {'processes' if by_process else 'slices'}")
+    grid = mesh_utils.create_hybrid_device_mesh(shape.ici_sizes(), shape.dcn, devices,
+                                                process_is_granule=by_process)
+    return Mesh(grid, AXIS_NAMES)

@@ -111,8 +111,43 @@ class Placement:
         return jax.tree.unflatten(treedef, [rules.named(self.mesh, n) for n in flat_axes])
 
     def place_params(self, params, quantization: quant.QuantConfig | None = None):
-        """Put every weight on the mesh in its stored (decode-rules) sharding."""
+        """Put every weight on the mesh in its stored (decode-rules) sharding, with the layers
+        stacked or unrolled as `params` has them."""
         return jax.device_put(params, self.param_shardings(params, quantization))
+
+    def restructure_params(self, params, fn, quantization: quant.QuantConfig | None = None):
+        """`fn(params)` (e.g. `params.unstack_layers`) computed on the mesh, the result in its
+        stored sharding: arrays that span several processes are never gathered to a host."""
+        target = jax.eval_shape(fn, params)
+        if jax.tree.structure(target) == jax.tree.structure(params):  # nothing to restructure
+            return self.place_params(params, quantization)
+        return jax.jit(fn, out_shardings=self.param_shardings(target, quantization))(params)
+
+    def read_params(self, abstract, read_shard):
+        """Build the float parameter tree `abstract` (stacked or unrolled layers) shard by shard:
+        ``read_shard(path, index)`` returns the host array ``stacked_param[path][index]`` (path
+        like ``("layers", "wq")``; layer weights index the stacked [layers, ...] array), called
+        only for the shards this process's devices hold, once per distinct shard."""
+        shardings = self.param_shardings(abstract)
+
+        def leaf(key_path, x, sharding):
+            keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in key_path)
+            if keys[0] == "layers" and isinstance(keys[1], int):  # unrolled: one layer
+                path, layer = ("layers",) + keys[2:], keys[1]
+                read = lambda index: read_shard(path, (slice(layer, layer + 1),) + index)[0]
+            else:
+                read = lambda index: read_shard(keys, index)
+            cache: dict[tuple, object] = {}
+
+            def callback(index):
+                key = tuple(s.indices(n) for s, n in zip(index, x.shape))
+                if key not in cache:
+                    cache[key] = read(tuple(slice(*k) for k in key))
+                return cache[key]
+
+            return jax.make_array_from_callback(x.shape, sharding, callback)
+
+        return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
 
     def cache_shardings(self, phase: str, cache: KVCache) -> KVCache:
         """A KVCache of NamedShardings for `phase` (attention rules: heads or batch)."""

@@ -1,12 +1,9 @@
 """Multi-process start-up: errors, not hangs, when processes cannot meet (jaxinfer.distributed)."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
+from procs import free_port, run_processes
 
 _PROGRAM = """
 import sys
@@ -23,40 +20,12 @@ distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    # The coordinator uses port p and the rendezvous p + 1: find two free neighbours.
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no pair of free ports")
-
-
 def _launch(args_per_process):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-c", _PROGRAM, *map(str, args)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for args in args_per_process]
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=120)
-            outs.append((p.returncode, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return outs
+    return run_processes([["-c", _PROGRAM, *args] for args in args_per_process])
 
 
 def test_two_processes_form_one_group():
-    port = _free_port()
+    port = free_port()
     outs = _launch([(2, 0, port, 60), (2, 1, port, 60)])
     for rc, out in outs:
         assert rc == 0, out
@@ -64,7 +33,7 @@ def test_two_processes_form_one_group():
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time():
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     ((rc, out),) = _launch([(2, 1, port, 3)])
     assert rc == 3, out
@@ -73,14 +42,14 @@ def test_unreachable_coordinator_is_a_clear_error_in_bounded_time():
 
 
 def test_missing_process_is_reported_by_process_zero():
-    port = _free_port()
+    port = free_port()
     ((rc, out),) = _launch([(2, 0, port, 3)])
     assert rc == 3, out
     assert "missing process ids [1]" in out
 
 
 def test_mismatched_process_count_fails_on_every_process():
-    port = _free_port()
+    port = free_port()
     outs = _launch([(2, 0, port, 20), (3, 1, port, 20)])
     for rc, out in outs:
         assert rc == 3, out

@@ -1,0 +1,64 @@
+"""One process of the multi-host test (`tests/test_multihost.py`); also usable by hand.
+
+    python tests/multihost_program.py CHECKPOINT PLAN NUM_PROCESSES PROCESS_ID PORT
+
+Joins NUM_PROCESSES processes (8 CPU devices in all), loads CHECKPOINT sharded under PLAN
+("ws": 2D weight-stationary; "batch": 2D WS prefill, batch-sharded multiquery decode), generates
+from prompts broadcast by process 0, and prints one JSON line: tokens, this process's parameter
+bytes and checkpoint bytes read, and its peak resident memory before and after loading.
+"""
+
+import json
+import sys
+
+
+def _peak_rss() -> int:
+    """VmHWM (peak resident set) of this process in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main(path: str, plan_name: str, n: int, pid: int, port: int) -> None:
+    from jaxinfer import distributed
+
+    if n > 1:
+        distributed.initialize(f"127.0.0.1:{port}", n, pid, local_device_count=8 // n,
+                               timeout_s=60)
+    else:
+        import jax
+        jax.config.update("jax_num_cpu_devices", 8)
+    import jax
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer import hf_weights
+    from partitioning.mesh import MeshShape
+    from partitioning.plan import PhasePlan, Plan
+
+    mesh = MeshShape(2, 2, 2)
+    decode = ("2d-ws", "heads") if plan_name == "ws" else ("2d-ws", "batch")
+    plan = Plan(PhasePlan("prefill", "2d-ws", "heads", mesh), PhasePlan("decode", *decode, mesh))
+    before = _peak_rss()
+    hf_weights.SafetensorsReader.bytes_read = 0
+    model = jaxinfer.load(path, plan=plan)
+    after = _peak_rss()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.config.vocab_size, size=int(k)).tolist()
+               for k in rng.integers(2, 12, size=6)]
+    prompts = distributed.broadcast_from_process_zero(prompts if pid == 0 else None)
+    result = model.generate(prompts, max_new_tokens=6, stop_tokens=[])
+    local = sum(s.data.nbytes for x in jax.tree.leaves(model.params)
+                for s in x.addressable_shards)
+    print("RESULT " + json.dumps({
+        "tokens": result.tokens, "process_count": jax.process_count(),
+        "devices": jax.device_count(), "local_param_bytes": local,
+        "read_bytes": hf_weights.SafetensorsReader.bytes_read,
+        "peak_rss_before_load": before, "peak_rss_after_load": after}), flush=True)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:6]))
