@@ -104,7 +104,9 @@ class Model:
     def memory_report(self, batch: int = 1, context: int | None = None) -> dict[str, int | str]:
         """Bytes of the parameters and of a KV cache for `batch` sequences of `context` tokens
         (default: the model's context), as held now and for the float (model dtype) and bfloat16
-        twins, so the effect of weight and KV-cache quantization is visible."""
+        twins, so the effect of weight and KV-cache quantization is visible.
+        ``param_bytes_this_process`` counts every parameter buffer on this process's devices
+        (shards, and each replica): under a plan it scales with 1 / process count."""
         context = self.config.max_context if context is None else context
         if batch < 1 or context < 1:
             raise ValueError(f"batch and context must be positive, got {batch}, {context}")
@@ -116,6 +118,9 @@ class Model:
             "weights": self.quantization.name if self.quantization else self.dtype.name,
             "kv_cache": self.kv_cache or self.cache_dtype.name,
             "param_bytes": self.param_bytes,
+            "param_bytes_this_process": sum(
+                s.data.nbytes for x in jax.tree.leaves(self.params)
+                for s in getattr(x, "addressable_shards", ())) or self.param_bytes,
             "param_bytes_float": param_bytes(abstract_params(self.config, self.dtype)),
             "param_bytes_bf16": param_bytes(abstract_params(self.config, jnp.bfloat16)),
             "cache_bytes": cache_bytes(self.cache_dtype),

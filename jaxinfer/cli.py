@@ -43,27 +43,113 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--kv-cache", default=None, choices=["int8"],
                    help="store the KV cache as int8 with per-token-per-head scales")
     p.add_argument("--verbose", action="store_true",
-                   help="print the memory report (parameter and KV-cache bytes) to stderr")
+                   help="print the plan and the memory report (parameter and KV-cache bytes, "
+                   "peak host memory) to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    part = p.add_argument_group("partitioning over all devices (all processes)")
+    part.add_argument("--plan", default=None,
+                      help="'auto' (the cost model picks prefill and decode layouts and the mesh) "
+                      "or PREFILL,DECODE as LAYOUT/ATTENTION each, e.g. 2d-ws/heads,2d-ws/batch "
+                      "(layouts: 1d-ws 2d-ws wg-x wg-xy wg-xyz; attention: heads batch); "
+                      "default: one device")
+    part.add_argument("--mesh", default=None,
+                      help="XxYxZ for an explicit --plan (default: the paper's mesh for the "
+                      "device count)")
+    part.add_argument("--hardware", default=None,
+                      help="profile --plan auto prices with (default: detected from the devices)")
+    part.add_argument("--collectives", default="xla", choices=["xla", "explicit"],
+                      help="sharding constraints (XLA picks collectives) or the paper's "
+                      "collectives written out per chip (float weights)")
     distributed.add_distributed_args(p)
     p.set_defaults(handler=run_generate)
+
+
+def _weight_bytes(args) -> float:
+    if args.quantize:
+        return {"int8": 1.0, "int4": 0.5}[args.quantize]
+    return 4.0 if args.dtype == "float32" else 2.0
+
+
+def _plan_from_args(args, prompts):
+    """The `partitioning.plan.Plan` that --plan / --mesh ask for (None: no partitioning)."""
+    if args.plan is None:
+        if args.mesh is not None:
+            raise ValueError("--mesh needs --plan")
+        return None
+    import jax
+
+    from partitioning import mesh as mesh_lib
+    from partitioning.plan import PhasePlan, Plan
+
+    chips = jax.device_count()
+    granules, _ = mesh_lib.granules_of(jax.devices())
+    if args.plan == "auto":
+        if args.mesh is not None:
+            raise ValueError("--mesh applies to an explicit --plan; 'auto' chooses the mesh")
+        from jaxinfer.checkpoint import read_config
+        from jaxinfer.builtin import builtin_path
+        from partitioning.hardware import detect_hardware, get_hardware
+        from partitioning.planner import plan_generation
+
+        from jaxinfer.tokenizer import Tokenizer
+
+        source = builtin_path(args.model) or args.model
+        cfg = read_config(source)
+        hw = get_hardware(args.hardware or detect_hardware(jax.devices()[0]))
+        tokenizer = Tokenizer.from_dir(source) if args.prompt is not None else None
+        if args.prompt is not None and tokenizer is None:
+            raise ValueError("text prompts need a tokenizer, and this model has none: "
+                             "pass --tokens")
+        longest = max(len(tokenizer.encode(p)) if tokenizer else len(p) for p in prompts)
+        return plan_generation(cfg, chips, len(prompts), longest, args.max_new_tokens, hw,
+                               weight_bytes=_weight_bytes(args), granules=granules)
+    phases = args.plan.split(",")
+    if len(phases) != 2 or any(p.count("/") != 1 for p in phases):
+        raise ValueError(f"--plan must be 'auto' or PREFILL,DECODE as LAYOUT/ATTENTION each "
+                         f"(e.g. 2d-ws/heads,2d-ws/batch), got {args.plan!r}")
+    if args.mesh is None:
+        shape = mesh_lib.paper_mesh_shape(chips)
+    else:
+        try:
+            sizes = [int(v) for v in args.mesh.lower().split("x")]
+            if len(sizes) != 3:
+                raise ValueError
+            shape = mesh_lib.MeshShape(*sizes)
+        except ValueError:
+            raise ValueError(f"--mesh must be XxYxZ (e.g. 2x2x2), got {args.mesh!r}") from None
+    if granules > 1:
+        placements = mesh_lib.dcn_placements(shape, granules)
+        if not placements:
+            raise ValueError(f"mesh {shape}: no axis is divisible by the {granules} hosts/slices")
+        shape = placements[0]
+    (pl, pa), (dl, da) = (p.split("/") for p in phases)
+    return Plan(PhasePlan("prefill", pl, pa, shape), PhasePlan("decode", dl, da, shape))
 
 
 def run_generate(args) -> int:
     distributed.initialize_from_args(args)
     import jaxinfer
 
+    prompts = args.prompt if args.prompt is not None else args.tokens
+    prompts = distributed.broadcast_from_process_zero(prompts)
+    plan = _plan_from_args(args, prompts)
     model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
                           quantize=args.quantize, kv_cache=args.kv_cache,
-                          group_size=args.group_size)
-    prompts = args.prompt if args.prompt is not None else args.tokens
+                          group_size=args.group_size, plan=plan, collectives=args.collectives)
     if args.verbose:
+        if plan is not None:
+            print(f"plan: prefill {plan.prefill.layout}/{plan.prefill.attention}, decode "
+                  f"{plan.decode.layout}/{plan.decode.attention} on mesh {plan.decode.mesh}",
+                  file=sys.stderr)
         report = model.memory_report(len(prompts), model.config.max_context)
+        report["peak_host_bytes"] = distributed.peak_host_bytes()
         print("memory: " + " ".join(f"{k}={v}" for k, v in report.items()), file=sys.stderr)
     result = model.generate(
         prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens, seed=args.seed)
+    if not distributed.is_leader():  # every process has the results; one prints them
+        return 0
     for i in range(len(result.tokens)):
         text = result.text[i] if result.text is not None else None
         if args.json:

@@ -207,6 +207,27 @@ def broadcast_from_process_zero(obj):
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
 
 
+def is_leader() -> bool:
+    """True on process 0 (the one that prints and writes results)."""
+    return jax.process_index() == 0
+
+
+def peak_host_bytes() -> int:
+    """Peak resident memory of this process (Linux VmHWM; ru_maxrss elsewhere), bytes."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def shutdown() -> None:
     """Leave the process group (idempotent)."""
     if jax.process_count() > 1:

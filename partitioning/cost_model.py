@@ -59,6 +59,8 @@ class Collective:
     """Which tensor moves."""
     torus_steps: int = 0
     """Ring steps on a torus: the sum over the axes of (size - 1) (latency term)."""
+    dcn_group: int = 1
+    """Granules (hosts / slices) the group spans: its cross-granule leg runs over DCN."""
 
     @property
     def bytes_per_chip(self) -> float:
@@ -228,9 +230,10 @@ def layer_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
     attention the queries and attention outputs (all-to-all); in weight-gathered layouts every
     weight matrix of the layer over the gathered axes.
     """
-    if plan.layout in GATHERED_AXES:
-        return _wg_collectives(cfg, plan, wl)
-    return _ws_collectives(cfg, plan, wl, fuse)
+    out = (_wg_collectives(cfg, plan, wl) if plan.layout in GATHERED_AXES
+           else _ws_collectives(cfg, plan, wl, fuse))
+    dcn = dict(zip(("x", "y", "z"), plan.mesh.dcn))
+    return [dataclasses.replace(c, dcn_group=math.prod(dcn[a] for a in c.axes)) for c in out]
 
 
 def collective_time(c: Collective, hw: HardwareProfile) -> float:
@@ -240,17 +243,24 @@ def collective_time(c: Collective, hw: HardwareProfile) -> float:
     runs over: the paper's model ("270 GB/s of interconnect bandwidth", §2.1, one "network
     bandwidth" in every §5 formula), under which its layout choices (2D WS for decode, §5.5) come
     out as published. Crediting only the links of the collective's axes (§2.2 [D]) would favour 1D.
+
+    A group spanning D granules runs hierarchically: within each granule over the fast links on
+    1/D of the data, then across granules over DCN, where each chip moves (D-1)/D of the full
+    per-chip volume at ``hw.dcn_bw``.
     """
-    if hw.topology == "torus":
-        bw = hw.axis_bw * hw.max_mesh_axes
-    elif hw.domain_size is not None and c.group > hw.domain_size and hw.scale_out_bw:
-        bw = hw.scale_out_bw
-    else:
-        bw = hw.axis_bw
-    seconds = c.bytes_per_chip / bw
+    bw = hw.axis_bw * hw.max_mesh_axes if hw.topology == "torus" else hw.axis_bw
+    D = c.dcn_group
+    if D > 1 and hw.dcn_bw is None:
+        raise ValueError(f"hardware {hw.name} has no DCN bandwidth (dcn_bw): cannot price a "
+                         "collective across hosts/slices")
+    inner = dataclasses.replace(c, group=c.group // D, elements=c.elements / D)
+    seconds = inner.bytes_per_chip / bw
     if c.kind == "all-to-all" and hw.topology == "torus":
         seconds /= 4  # scaling book: an all-to-all costs ~1/4 of an all-gather on a torus (§4.3)
     steps = c.torus_steps if hw.topology == "torus" else c.group - 1
+    if D > 1:
+        outer = dataclasses.replace(c, group=D)
+        seconds += outer.bytes_per_chip / hw.dcn_bw
     return seconds + hw.hop_latency_s * steps
 
 

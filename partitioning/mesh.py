@@ -121,7 +121,7 @@ def granules_of(devices: Sequence) -> tuple[int, bool]:
     """(number of DCN granules, whether they are processes) of `devices`: TPU slices when the
     devices carry a slice index (hosts of one slice share the ICI torus), else processes."""
     slices = {getattr(d, "slice_index", None) for d in devices}
-    if None not in slices:
+    if devices[0].platform == "tpu" and None not in slices:
         return len(slices), False
     return len({d.process_index for d in devices}), True
 

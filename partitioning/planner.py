@@ -14,8 +14,8 @@ import math
 from jaxinfer.config import ModelConfig
 from partitioning.cost_model import GATHERED_AXES, StepEstimate, Workload, estimate
 from partitioning.hardware import HardwareProfile
-from partitioning.mesh import MeshShape, factorizations
-from partitioning.plan import ATTENTION, LAYOUTS, PhasePlan
+from partitioning.mesh import MeshShape, dcn_placements, factorizations
+from partitioning.plan import ATTENTION, LAYOUTS, PhasePlan, Plan
 
 
 class PlanningError(ValueError):
@@ -70,9 +70,23 @@ def invalid_reason(cfg: ModelConfig, plan: PhasePlan, batch: int) -> str | None:
     return None
 
 
+def default_granules(chips: int, hw: HardwareProfile) -> int:
+    """Hosts / slices a plan for `chips` spans when not told: GPU nodes beyond one NVLink domain
+    (`HardwareProfile.domain_size`), else one."""
+    if hw.domain_size is None or chips <= hw.domain_size:
+        return 1
+    return -(-chips // hw.domain_size)
+
+
 def candidates(cfg: ModelConfig, phase: str, chips: int, hw: HardwareProfile,
-               layouts=LAYOUTS, attentions=ATTENTION, meshes=None) -> list[PhasePlan]:
-    shapes = meshes or factorizations(chips, hw.max_mesh_axes)
+               layouts=LAYOUTS, attentions=ATTENTION, meshes=None,
+               granules: int = 1) -> list[PhasePlan]:
+    """Every (mesh, DCN placement, layout, attention) to price: with several granules, each mesh
+    once per axis the granules can lie along (`partitioning.mesh.dcn_placements`)."""
+    if granules < 1 or chips % granules:
+        raise PlanningError(f"{chips} chips cannot be split evenly over {granules} hosts/slices")
+    shapes = [placed for shape in (meshes or factorizations(chips, hw.max_mesh_axes))
+              for placed in (dcn_placements(shape, granules) if shape.granules == 1 else [shape])]
     return [PhasePlan(phase, layout, attention, shape)
             for shape in shapes for layout in layouts for attention in attentions]
 
@@ -104,10 +118,17 @@ def _why_lost(c: Candidate, best: Candidate, latency_target_s: float | None) -> 
 def plan_phase(cfg: ModelConfig, phase: str, chips: int, wl: Workload, hw: HardwareProfile,
                layouts=LAYOUTS, attentions=ATTENTION, meshes=None,
                latency_target_s: float | None = None, nominal_params: float | None = None,
-               keep: int = 5) -> PlanResult:
-    """The best plan for one phase, with runners-up and rejected candidates."""
+               keep: int = 5, granules: int | None = None) -> PlanResult:
+    """The best plan for one phase, with runners-up and rejected candidates.
+
+    granules: hosts or TPU slices the chips are spread over, joined by the data-center network
+    (default: `default_granules`); collectives crossing them are priced at ``hw.dcn_bw``."""
+    granules = default_granules(chips, hw) if granules is None else granules
+    if granules > 1 and hw.dcn_bw is None:
+        raise PlanningError(f"hardware {hw.name} has no DCN bandwidth: cannot plan across "
+                            f"{granules} hosts/slices (for 'cpu', re-run `jaxinfer calibrate`)")
     valid, rejected = [], []
-    for plan in candidates(cfg, phase, chips, hw, layouts, attentions, meshes):
+    for plan in candidates(cfg, phase, chips, hw, layouts, attentions, meshes, granules):
         reason = invalid_reason(cfg, plan, wl.batch)
         if reason:
             rejected.append(Candidate(plan, None, reason))
@@ -164,3 +185,50 @@ def pareto_frontier(cfg: ModelConfig, phase: str, chip_counts, batches, hw: Hard
                            != (p.latency_s, p.cost_chip_s_per_token) for q in points)]
     frontier.sort(key=lambda p: p.latency_s)
     return points, frontier
+
+
+def plan_generation(cfg: ModelConfig, chips: int, batch: int, prompt_len: int, new_tokens: int,
+                    hw: HardwareProfile, weight_bytes: float = 2.0, act_bytes: float = 2.0,
+                    granules: int | None = None) -> Plan:
+    """The executable `Plan` minimising prefill time + new_tokens x decode step time.
+
+    Both phases share one mesh and one weight storage (pope2022.md §5.3: 1d-ws pairs only with
+    itself), so each mesh (with each DCN placement of the granules) is priced with its best
+    compatible prefill and decode; plans whose dims do not divide over the mesh (vocabulary,
+    heads, batch: `partitioning.layouts`) are skipped. When none remains, the batch is priced
+    padded to a multiple of the chips (as `jaxinfer.generate` pads it).
+    """
+    from partitioning.layouts import resolve
+    from partitioning.rules import ShardingError
+
+    granules = default_granules(chips, hw) if granules is None else granules
+    context = prompt_len + new_tokens
+    work = {"prefill": Workload(batch, prompt_len, prompt_len, weight_bytes, act_bytes),
+            "decode": Workload(batch, 1, context, weight_bytes, act_bytes)}
+    best: dict[tuple, dict[str, tuple[float, PhasePlan]]] = {}
+    for phase in ("prefill", "decode"):
+        for plan in candidates(cfg, phase, chips, hw, granules=granules):
+            if invalid_reason(cfg, plan, batch):
+                continue
+            try:
+                resolve(plan, cfg).check(cfg, batch)
+            except ShardingError:
+                continue
+            est = estimate(cfg, plan, work[phase], hw)
+            if not est.fits:
+                continue
+            key = (plan.mesh, plan.layout == "1d-ws")
+            seconds = est.step_time_s * (new_tokens if phase == "decode" else 1)
+            if phase not in best.setdefault(key, {}) or seconds < best[key][phase][0]:
+                best[key][phase] = (seconds, plan)
+    pairs = [(p["prefill"][0] + p["decode"][0], p["prefill"][1], p["decode"][1])
+             for p in best.values() if len(p) == 2]
+    padded = -(-batch // chips) * chips
+    if not pairs and padded != batch:  # generation pads the batch to split it: price that
+        return plan_generation(cfg, chips, padded, prompt_len, new_tokens, hw, weight_bytes,
+                               act_bytes, granules)
+    if not pairs:
+        raise PlanningError(f"no executable partitioning of {cfg.name} on {chips} x {hw.name} "
+                            f"({granules} hosts/slices) for batch {batch}")
+    _, prefill, decode = min(pairs, key=lambda t: t[0])
+    return Plan(prefill, decode)

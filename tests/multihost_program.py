@@ -12,15 +12,6 @@ import json
 import sys
 
 
-def _peak_rss() -> int:
-    """VmHWM (peak resident set) of this process in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main(path: str, plan_name: str, n: int, pid: int, port: int) -> None:
     from jaxinfer import distributed
 
@@ -41,17 +32,16 @@ def main(path: str, plan_name: str, n: int, pid: int, port: int) -> None:
     mesh = MeshShape(2, 2, 2)
     decode = ("2d-ws", "heads") if plan_name == "ws" else ("2d-ws", "batch")
     plan = Plan(PhasePlan("prefill", "2d-ws", "heads", mesh), PhasePlan("decode", *decode, mesh))
-    before = _peak_rss()
+    before = distributed.peak_host_bytes()
     hf_weights.SafetensorsReader.bytes_read = 0
     model = jaxinfer.load(path, plan=plan)
-    after = _peak_rss()
+    after = distributed.peak_host_bytes()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, size=int(k)).tolist()
                for k in rng.integers(2, 12, size=6)]
     prompts = distributed.broadcast_from_process_zero(prompts if pid == 0 else None)
     result = model.generate(prompts, max_new_tokens=6, stop_tokens=[])
-    local = sum(s.data.nbytes for x in jax.tree.leaves(model.params)
-                for s in x.addressable_shards)
+    local = model.memory_report()["param_bytes_this_process"]
     print("RESULT " + json.dumps({
         "tokens": result.tokens, "process_count": jax.process_count(),
         "devices": jax.device_count(), "local_param_bytes": local,

@@ -5,6 +5,7 @@ process holds and peaks at about half the parameter memory of a one-process run.
 
 import json
 import os
+import re
 
 import pytest
 
@@ -70,3 +71,24 @@ def test_per_process_memory_halves_with_two_processes(checkpoint, reference):
         assert r["local_param_bytes"] * 2 == one["local_param_bytes"]
         growth = r["peak_rss_after_load"] - r["peak_rss_before_load"]
         assert growth < 0.75 * growth_one, (growth, growth_one)
+
+
+def test_cli_plan_auto_across_two_processes(checkpoint):
+    """`jaxinfer generate --plan auto` in 2 processes: the planner puts the process boundary on a
+    mesh axis (DCN), process 0 alone prints, and the tokens are the one-process CLI's."""
+    cli = ["-m", "jaxinfer", "generate", "--model", checkpoint, "--tokens", "5,6,7,8",
+           "--tokens", "9,10", "--max-new-tokens", "6"]
+    ((rc, single),) = run_processes([cli])
+    assert rc == 0, single
+    port = free_port()
+    outs = run_processes([cli + ["--plan", "auto", "--verbose", "--coordinator",
+                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                 str(pid), "--local-devices", "4"] for pid in range(2)],
+                         timeout=240)
+    want = [ln for ln in single.splitlines() if re.fullmatch(r"[0-9,]+", ln)]
+    assert len(want) == 2
+    for pid, (rc, out) in enumerate(outs):
+        assert rc == 0, out[-3000:]
+        assert "(dcn " in out  # the mesh spans two granules
+        got = [ln for ln in out.splitlines() if re.fullmatch(r"[0-9,]+", ln)]
+        assert got == (want if pid == 0 else []), out[-3000:]

@@ -61,3 +61,75 @@ def test_model_from_checkpoint_dir(family_checkpoints):
     assert cfg.attention_kind == "multiquery" and cfg.parallel_block
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model("palm-9000b")
+
+
+def test_dcn_collectives_cost_the_slow_network():
+    """A collective whose group spans 2 granules: the fast links carry the within-granule half,
+    DCN the cross-granule leg, (D-1)/D of the full volume at dcn_bw (pope2022.md §2.2)."""
+    from partitioning.cost_model import Collective, collective_time
+
+    hw = get_hardware("h100-sxm")
+    c = Collective("all-gather", ("x",), 16, 1e8, 2.0, "t", 15)
+    ici = collective_time(c, hw)
+    assert ici == pytest.approx(2e8 * 15 / 16 / hw.axis_bw + 15 * hw.hop_latency_s)
+    dcn = collective_time(Collective("all-gather", ("x",), 16, 1e8, 2.0, "t", 15, dcn_group=2),
+                          hw)
+    assert dcn == pytest.approx(1e8 * 7 / 8 / hw.axis_bw + 2e8 / 2 / hw.dcn_bw
+                                + 15 * hw.hop_latency_s)
+    assert dcn > 3 * ici  # 50 GB/s InfiniBand vs 450 GB/s NVLink
+
+
+def test_planner_places_the_process_boundary_on_the_cheapest_axis():
+    cfg, wl = PRESETS["llama-3-70b"], Workload(64, 1, 4096)
+    hw = get_hardware("h100-sxm")
+    result = plan_phase(cfg, "decode", 16, wl, hw)  # 16 GPUs: two 8-GPU NVLink nodes
+    best = result.best
+    assert best.plan.mesh.granules == 2
+    sizes = best.plan.mesh.sizes
+    placements = [d for d in ((2, 1, 1), (1, 2, 1), (1, 1, 2))
+                  if all(s % g == 0 for s, g in zip(sizes, d))]
+    same_layout = [plan_phase(cfg, "decode", 16, wl, hw, layouts=(best.plan.layout,),
+                              attentions=(best.plan.attention,),
+                              meshes=[MeshShape(*sizes, dcn=d)]).best.estimate.comm_s
+                   for d in placements]
+    assert len(same_layout) >= 2
+    assert best.estimate.comm_s == pytest.approx(min(same_layout))
+    one_node = plan_phase(cfg, "decode", 16, wl, hw, granules=1).best.estimate
+    assert one_node.comm_s < best.estimate.comm_s  # DCN is slower than NVLink
+    with pytest.raises(ValueError, match="cannot be split evenly over 3"):
+        plan_phase(cfg, "decode", 16, wl, hw, granules=3)
+
+
+def test_plan_generation_is_executable():
+    from jaxinfer.config import ModelConfig
+    from partitioning.layouts import resolve, storage_of
+    from partitioning.planner import plan_generation
+
+    cfg = ModelConfig(vocab_size=264, d_model=192, n_layers=2, n_heads=6, n_kv_heads=2,
+                      head_dim=32, d_ff=512, max_context=256)
+    plan = plan_generation(cfg, 8, 1, 16, 32, get_hardware("tpu-v4"), granules=2)
+    assert plan.decode.mesh.n == 8 and plan.decode.mesh.granules == 2
+    storage_of((plan.prefill.layout, plan.decode.layout))  # compatible weight storage
+    for phase in (plan.prefill, plan.decode):
+        resolve(phase, cfg).check(cfg, 8)  # 6 heads on 8 chips: batch padded to 8
+
+
+def test_mesh_shape_dcn():
+    m = MeshShape(2, 2, 4, dcn=(1, 1, 2))
+    assert m.granules == 2 and m.dcn_axes() == ("z",) and m.ici_sizes() == (2, 2, 2)
+    assert str(m) == "2x2x4 (dcn 1x1x2)"
+    with pytest.raises(ValueError, match="cannot span 4 DCN granules"):
+        MeshShape(2, 2, 2, dcn=(4, 1, 1))
+
+
+def test_generate_plan_flags(capsys):
+    assert main(["generate", "--plan", "2d-ws", "--tokens", "1,2"]) == 2
+    assert "--plan must be 'auto' or PREFILL,DECODE" in capsys.readouterr().err
+    assert main(["generate", "--mesh", "2x2x2", "--tokens", "1,2"]) == 2
+    assert "--mesh needs --plan" in capsys.readouterr().err
+    assert main(["generate", "--plan", "2d-ws/heads,2d-ws/heads", "--mesh", "2x2", "--tokens",
+                 "1,2"]) == 2
+    assert "--mesh must be XxYxZ" in capsys.readouterr().err
+    assert main(["generate", "--plan", "2d-ws/heads,2d-ws/heads", "--mesh", "1x2x2",
+                 "--tokens", "1,2"]) == 2
+    assert "needs 4 devices, 8 available" in capsys.readouterr().err
