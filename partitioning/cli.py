@@ -14,6 +14,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--hardware", required=True, help="tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, "
                    "a100-80gb, h100-sxm, h200 or cpu (measured by `jaxinfer calibrate`)")
     p.add_argument("--chips", type=int, required=True)
+    p.add_argument("--granules", type=int, default=None,
+                   help="hosts or TPU slices the chips span, joined by the data-center network "
+                   "(default: 1 on TPU, one per 8-GPU NVLink node on GPU)")
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--phase", choices=["prefill", "decode"], required=True)
     p.add_argument("--context", type=int, required=True,
@@ -52,6 +55,7 @@ def _workload(args) -> Workload:
 def plan_to_json(best, hw_name: str) -> dict:
     e, p = best.estimate, best.plan
     return {"layout": p.layout, "attention": p.attention, "mesh": p.mesh.as_dict(),
+            "dcn": dict(zip(("x", "y", "z"), p.mesh.dcn)),
             "hardware": hw_name, "step_time_s": e.step_time_s, "mfu": e.mfu,
             "cost_chip_s_per_token": e.cost_chip_s_per_token,
             "memory_per_chip_bytes": e.memory_per_chip_bytes, "fits": e.fits, "bound": e.bound,
@@ -70,7 +74,8 @@ def run_plan(args) -> int:
     result = plan_phase(cfg, args.phase, args.chips, wl, hw,
                         layouts=(args.layout,) if args.layout else LAYOUTS,
                         attentions=(args.attention,) if args.attention else ATTENTION,
-                        latency_target_s=target, nominal_params=NOMINAL_PARAMS.get(args.model))
+                        latency_target_s=target, nominal_params=NOMINAL_PARAMS.get(args.model),
+                        granules=args.granules)
     if target is not None and result.best.estimate.step_time_s > target:
         raise ValueError(f"no plan meets the latency target of {args.latency_target_ms} ms; the "
                          f"fastest takes {result.best.estimate.step_time_s * 1e3:.3g} ms")
