@@ -237,6 +237,9 @@ def shutdown() -> None:
 def add_distributed_args(parser) -> None:
     """The multi-process flags shared by `jaxinfer generate` and `jaxinfer bench`."""
     group = parser.add_argument_group("multi-process (jax.distributed)")
+    group.add_argument("--distributed-auto", action="store_true",
+                       help="join with JAX's cluster auto-detection (TPU pod slices, SLURM, "
+                       "Open MPI) instead of --coordinator/--num-processes/--process-id")
     group.add_argument("--coordinator", default=None,
                        help="host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int, default=None, help="total processes")
@@ -251,6 +254,11 @@ def initialize_from_args(args) -> ProcessGroup | None:
     """Call `initialize` when any multi-process flag or environment variable asks for it."""
     wanted = any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
     wanted = wanted or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if args.distributed_auto:
+        if wanted:
+            raise DistributedError("--distributed-auto detects the cluster itself: drop "
+                                   "--coordinator/--num-processes/--process-id")
+        return initialize(timeout_s=args.distributed_timeout)
     if not wanted:
         return None
     return initialize(args.coordinator, args.num_processes, args.process_id,
