@@ -140,6 +140,19 @@ class Generator:
         self._decode = jax.jit(functools.partial(decode_loop, cfg=cfg, rt=decode_rt),
                                donate_argnames=("state",))
 
+    @functools.partial(jax.jit, static_argnames=("self", "out_len"))
+    def _initial_state(self, tokens, lengths, cache, n, seed, out_len: int) -> SamplingState:
+        """The loop's starting state, built in one compiled program (no eager set-up ops)."""
+        batch = tokens.shape[0]
+        base_key = jax.random.key(seed)
+        return SamplingState(
+            step=jnp.int32(0), tokens=jnp.zeros((batch, out_len), jnp.int32),
+            logprobs=jnp.zeros((batch, out_len), jnp.float32),
+            done=jnp.arange(batch) >= n, stopped=jnp.zeros((batch,), bool),
+            num_generated=jnp.zeros((batch,), jnp.int32),
+            seen=_seen_from_prompts(tokens, lengths, self.cfg.vocab_size), cache=cache,
+            row_keys=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(batch)))
+
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         cache = KVCache.init(self.cfg, batch, max_len, self.cache_dtype)
         return cache if self.placement is None else self.placement.reshard_cache(cache, "prefill")
@@ -185,24 +198,17 @@ class Generator:
         for i, prompt in enumerate(prompts):
             tokens[i, :len(prompt)] = prompt
             lengths[i] = len(prompt)
-        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         cache = self._new_cache(batch, t_len + out_len)
         t_start = time.perf_counter()
         first_logits, cache = self._prefill(params, tokens, lengths, cache)
         cache = self._to_decode(cache)
         first_logits.block_until_ready()
         t_prefill = time.perf_counter()
-        base_key = jax.random.key(seed)
-        state = SamplingState(
-            step=jnp.int32(0), tokens=jnp.zeros((batch, out_len), jnp.int32),
-            logprobs=jnp.zeros((batch, out_len), jnp.float32),
-            done=jnp.arange(batch) >= n, stopped=jnp.zeros((batch,), bool),
-            num_generated=jnp.zeros((batch,), jnp.int32),
-            seen=_seen_from_prompts(tokens, lengths, cfg.vocab_size), cache=cache,
-            row_keys=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(batch)))
-        stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+        state = self._initial_state(tokens, lengths, cache, np.int32(n), np.uint32(seed),
+                                    out_len=out_len)
+        stop_ids = np.asarray(list(stop_tokens) or [-1], np.int32)
         state = self._decode(params, first_logits, state, sampling.device_params(), stop_ids,
-                             jnp.int32(max_new_tokens))
+                             np.int32(max_new_tokens))
         tokens, logprobs, num, stopped = _fetch(
             (state.tokens, state.logprobs, state.num_generated, state.stopped))
         timings = {"prefill_s": t_prefill - t_start, "decode_s": time.perf_counter() - t_prefill}
