@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import tempfile
@@ -178,6 +179,11 @@ def measure_ttft(path: str, layer_loop: str) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    """A figure for the table; "n/a" for one not measured (e.g. the HF columns with --no-hf)."""
+    return "n/a" if math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
 def print_table(rows: list[Row], args, bandwidth: float, ttft) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -192,10 +198,11 @@ def print_table(rows: list[Row], args, bandwidth: float, ttft) -> None:
                 "HF prefill tok/s", "compile s", "jax peak MiB", "HF peak MiB", "roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r.batch), f"{r.jax_tok_s:.1f}", f"{r.hf_tok_s:.1f}",
-                      f"{r.jax_tok_s / r.hf_tok_s:.2f}x", f"{r.jax_prefill_tok_s:.0f}",
-                      f"{r.hf_prefill_tok_s:.0f}", f"{r.compile_s:.1f}", f"{r.jax_peak_mb:.0f}",
-                      f"{r.hf_peak_mb:.0f}", f"{r.roofline:.0%}")
+        table.add_row(str(r.batch), _fmt(r.jax_tok_s, ".1f"), _fmt(r.hf_tok_s, ".1f"),
+                      _fmt(r.jax_tok_s / r.hf_tok_s, ".2f", "x"), _fmt(r.jax_prefill_tok_s, ".0f"),
+                      _fmt(r.hf_prefill_tok_s, ".0f"), _fmt(r.compile_s, ".1f"),
+                      _fmt(r.jax_peak_mb, ".0f"), _fmt(r.hf_peak_mb, ".0f"),
+                      _fmt(r.roofline, ".0%"))
     console = Console(width=180)
     console.print(table)
     if ttft is not None:
@@ -219,13 +226,18 @@ def add_bench_parser(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from rich.progress import Progress
-
     distributed.initialize_from_args(args)
+    with distributed.native_stdout_to_stderr(enabled=jax.process_count() > 1):
+        return _bench_and_print(args)
+
+
+def _bench_and_print(args) -> int:
+    from rich.progress import Progress
 
     bandwidth = measure_bandwidth()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
+    leader = distributed.is_leader()  # every process runs the benchmark; one reports it
+    with tempfile.TemporaryDirectory() as tmp, Progress(disable=not leader) as progress:
         path = args.checkpoint or tmp
         task = progress.add_task("benchmark", total=2 + 2 * len(args.batch))
         if args.checkpoint is None:
@@ -247,7 +259,8 @@ def run_bench(args) -> int:
         progress.update(task, description="time to first token (2 fresh processes)")
         ttft = measure_ttft(path, args.layer_loop)
         progress.advance(task)
-    print_table(rows, args, bandwidth, ttft)
+    if leader:
+        print_table(rows, args, bandwidth, ttft)
     return 0
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+import jax
+
 from jaxinfer import distributed
 
 
@@ -128,6 +130,11 @@ def _plan_from_args(args, prompts):
 
 def run_generate(args) -> int:
     distributed.initialize_from_args(args)
+    with distributed.native_stdout_to_stderr(enabled=jax.process_count() > 1):
+        return _generate_and_print(args)
+
+
+def _generate_and_print(args) -> int:
     import jaxinfer
 
     prompts = args.prompt if args.prompt is not None else args.tokens

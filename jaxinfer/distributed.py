@@ -17,10 +17,12 @@ Any disagreement or absence becomes a `DistributedError` naming it, on every pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import socket
+import sys
 import time
 
 import jax
@@ -222,10 +224,33 @@ def peak_host_bytes() -> int:
     except OSError:
         pass
     import resource
-    import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr(enabled: bool = True):
+    """Within the block, what native libraries write to file descriptor 1 goes to stderr, while
+    Python's ``sys.stdout`` keeps writing to the real stdout.
+
+    Gloo (the CPU collectives) prints a line per connection with C++ ``std::cout``, interleaved
+    with the program's output; the CLI runs multi-process commands inside this block so their
+    stdout holds only results (``--json`` stays parseable).
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved_fd), "w", buffering=1) as results, \
+                contextlib.redirect_stdout(results):
+            yield
+    finally:
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
 
 
 def shutdown() -> None:

@@ -23,24 +23,27 @@ def free_port() -> int:
     raise RuntimeError("no pair of free ports")
 
 
-def run_processes(argvs: list[list[str]], timeout: float = 120) -> list[tuple[int, str]]:
+def run_processes(argvs: list[list[str]], timeout: float = 120,
+                  separate_stderr: bool = False) -> list[tuple]:
     """Run `python *argv` for each argv concurrently (without the test's XLA_FLAGS, so each
-    process picks its own CPU device count); (returncode, output) each. Processes still running
-    after `timeout` seconds are killed (returncode -9), so a hang fails instead of blocking."""
+    process picks its own CPU device count); (returncode, output) each, or (returncode, stdout,
+    stderr) with `separate_stderr`. Processes still running after `timeout` seconds are killed
+    (returncode -9), so a hang fails instead of blocking."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAXINFER_COMPILATION_CACHE"] = "0"
+    stderr = subprocess.PIPE if separate_stderr else subprocess.STDOUT
     procs = [subprocess.Popen([sys.executable, *map(str, argv)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=stderr, text=True)
              for argv in argvs]
     outs = []
     try:
         for p in procs:
             try:
-                out, _ = p.communicate(timeout=timeout)
+                out, err = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
-                out, _ = p.communicate()
-            outs.append((p.returncode, out))
+                out, err = p.communicate()
+            outs.append((p.returncode, out, err) if separate_stderr else (p.returncode, out))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -69,3 +69,25 @@ def test_bfloat16_load_close_to_float32(family_checkpoints):
     ref, got = ckpt.model.logits(tokens), m16.logits(tokens)
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shard_reads_equal_full_conversion(family, family_checkpoints):
+    """Sharded loading: every leaf's random slice, read alone, equals the full conversion's slice."""
+    import jax
+
+    from jaxinfer import hf_weights
+
+    ckpt = family_checkpoints(family)
+    reader = hf_weights.SafetensorsReader(ckpt.path)
+    full = hf_weights.convert_hf_weights(reader, ckpt.model.config, "float32")
+    rng = np.random.default_rng(0)
+    leaves = jax.tree_util.tree_leaves_with_path(full)
+    for key_path, value in leaves:
+        path = tuple(k.key for k in key_path)
+        for _ in range(3):
+            bounds = [sorted(rng.choice(n + 1, size=2, replace=False)) for n in value.shape]
+            index = tuple(slice(int(a), int(b)) for a, b in bounds)
+            got = hf_weights.read_hf_shard(reader, ckpt.model.config, "float32", path, index)
+            np.testing.assert_array_equal(got, value[index], err_msg=f"{path} {index}")
+    assert len(leaves) >= 8
