@@ -9,7 +9,7 @@ from pallas_kernels._dispatch import UnsupportedInput
 from pallas_kernels.attention_ref import MASK_VALUE
 
 __all__ = ["MASK_VALUE", "round_up", "pad_axis", "pack_rows", "unpack_rows", "combine_splits",
-           "check_head_dim", "check_dtypes"]
+           "reset_online_softmax", "group_decode_inputs", "check_head_dim", "check_dtypes"]
 
 
 def round_up(x: int, m: int) -> int:
@@ -39,6 +39,23 @@ def unpack_rows(rows: jax.Array, n_heads: int, t_len: int) -> jax.Array:
     g = n_heads // kv_heads
     rows = rows[:, :, :t_len * g].reshape(b, kv_heads, t_len, g, h)  # [B, K, T, G, H]
     return jnp.swapaxes(rows, 2, 3).reshape(b, n_heads, t_len, h)
+
+
+def reset_online_softmax(m_sc, l_sc, acc_sc) -> None:
+    """Kernel body: start an online softmax (running max -inf, sum 0, accumulator 0)."""
+    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def group_decode_inputs(q, k_cache, v_cache, lengths, *, g_pad: int, s_pad: int):
+    """Decode-kernel inputs: q [B, N, H] -> [B, K, Gp, H] (the query heads of one KV head as padded
+    rows), caches [B, K, S, H] padded to s_pad keys, lengths int32 clipped to S."""
+    b, n, h = q.shape
+    kv_heads, s_len = k_cache.shape[1], k_cache.shape[2]
+    qg = pad_axis(q.reshape(b, kv_heads, n // kv_heads, h), 2, g_pad)  # [B, K, Gp, H]
+    k_cache, v_cache = pad_axis(k_cache, 2, s_pad), pad_axis(v_cache, 2, s_pad)
+    return qg, k_cache, v_cache, jnp.minimum(lengths.astype(jnp.int32), s_len)
 
 
 def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:

@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._attention_util import (MASK_VALUE, check_dtypes, check_head_dim,
-                                            combine_splits, pad_axis, round_up)
+                                            combine_splits, group_decode_inputs, pad_axis,
+                                            round_up)
 
 DEFAULT_PROGRAMS = 132  # about one program per SM of an H100; splits = programs // (B * K)
 
@@ -104,9 +105,8 @@ def decode_attention_gpu(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=
     per_split = -(-n_blocks // splits)
     quantized = k_scale is not None
 
-    qg = pad_axis(q.reshape(b, kv_heads, g, h), 2, g_pad)  # [B, K, Gp, H]
-    k_cache, v_cache = pad_axis(k_cache, 2, s_pad), pad_axis(v_cache, 2, s_pad)
-    lengths = jnp.minimum(lengths.astype(jnp.int32), s_len)
+    qg, k_cache, v_cache, lengths = group_decode_inputs(q, k_cache, v_cache, lengths,
+                                                        g_pad=g_pad, s_pad=s_pad)
 
     whole = lambda bi, ki, pi: (bi, ki, 0, 0)  # noqa: E731
     in_specs = [pl.BlockSpec((None,), lambda bi, ki, pi: (bi,)),

@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._attention_util import (MASK_VALUE, check_dtypes, check_head_dim,
-                                            combine_splits, pad_axis, round_up)
+                                            combine_splits, group_decode_inputs, pad_axis,
+                                            reset_online_softmax, round_up)
 
 LANES = 128  # m / l statistics are kept lane-broadcast, as Mosaic prefers [rows, 128] tiles
 
@@ -38,9 +39,7 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block: int
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        reset_online_softmax(m_sc, l_sc, acc_sc)
 
     @pl.when(start < length)
     def _step():
@@ -101,9 +100,8 @@ def decode_attention_tpu(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=
     per_split = -(-n_blocks // num_splits)
     quantized = k_scale is not None
 
-    qg = pad_axis(q.reshape(b, kv_heads, g, h), 2, g_pad)  # [B, K, Gp, H]
-    k_cache, v_cache = pad_axis(k_cache, 2, s_pad), pad_axis(v_cache, 2, s_pad)
-    lengths = jnp.minimum(lengths.astype(jnp.int32), s_len)
+    qg, k_cache, v_cache, lengths = group_decode_inputs(q, k_cache, v_cache, lengths,
+                                                        g_pad=g_pad, s_pad=s_pad)
 
     def kv_index(bi, ki, pi, ji, lens):
         last = jnp.maximum(pl.cdiv(lens[bi], block) - 1, 0)

@@ -18,7 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._attention_util import (MASK_VALUE, check_dtypes, check_head_dim,
-                                            pack_rows, pad_axis, round_up, unpack_rows)
+                                            pack_rows, pad_axis, reset_online_softmax,
+                                            round_up, unpack_rows)
 
 LANES = 128
 
@@ -39,9 +40,7 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, sm_s
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        reset_online_softmax(m_sc, l_sc, acc_sc)
 
     last = _last_block(i, length, block_q=block_q, block_k=block_k, groups=groups, offset=offset,
                        causal=causal)

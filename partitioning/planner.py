@@ -14,7 +14,7 @@ import math
 from jaxinfer.config import ModelConfig
 from partitioning.cost_model import GATHERED_AXES, StepEstimate, Workload, estimate
 from partitioning.hardware import HardwareProfile
-from partitioning.mesh import MeshShape, dcn_placements, factorizations
+from partitioning.mesh import dcn_placements, factorizations
 from partitioning.plan import ATTENTION, LAYOUTS, PhasePlan, Plan
 
 

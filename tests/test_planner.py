@@ -5,7 +5,6 @@ import json
 import pytest
 
 from jaxinfer.cli import main
-from partitioning import calibrate
 from partitioning.hardware import get_hardware
 from partitioning.mesh import MeshShape, factorizations, make_mesh
 from partitioning.planner import pareto_frontier, plan_phase
