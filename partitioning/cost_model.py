@@ -17,10 +17,9 @@ import math
 
 from jaxinfer.config import ModelConfig
 from partitioning.hardware import HardwareProfile
-from partitioning.plan import PhasePlan
+from partitioning.plan import GATHERED_AXES, PhasePlan
 
 WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
-GATHERED_AXES = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,15 +18,13 @@ import dataclasses
 from jaxinfer import axes as ax
 from jaxinfer.config import ModelConfig
 from partitioning.mesh import MeshShape
-from partitioning.plan import ATTENTION, LAYOUTS, PhasePlan
+from partitioning.plan import ATTENTION, GATHERED_AXES, LAYOUTS, PhasePlan
 from partitioning.rules import ShardingError, ShardingRules
 
 HEADS_2D = ("z", "y")
 """Mesh axes of d_ff / heads in the stored 2D layout (the paper's yz)."""
 ALL_1D = ("z", "y", "x")
 """Mesh axes of d_ff / heads in the stored 1D layout (the paper's xyz)."""
-GATHERED = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}
-"""Axes a weight-gathered layout all-gathers weights over (and shards the batch over), §5.3."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +131,7 @@ def resolve(plan: PhasePlan, cfg: ModelConfig, storage: str | None = None) -> La
         raise ShardingError(f"layout {plan.layout} needs {own} weight storage but the plan stores "
                             f"weights {storage}: 1d-ws pairs only with 1d-ws (weights never move "
                             "between phases, pope2022.md §5.3)")
-    gathered = GATHERED.get(plan.layout, ())
+    gathered = GATHERED_AXES.get(plan.layout, ())
     if plan.layout == "1d-ws":
         model_axes, x_axes = ALL_1D, ()
     elif plan.layout == "2d-ws":

@@ -24,6 +24,8 @@ import dataclasses
 from partitioning.mesh import MeshShape
 
 LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
+GATHERED_AXES = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}
+"""Mesh axes a weight-gathered layout all-gathers weights over (and shards the batch over), §5.3."""
 ATTENTION = ("heads", "batch")
 PHASES = ("prefill", "decode")
 

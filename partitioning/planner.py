@@ -12,10 +12,10 @@ import dataclasses
 import math
 
 from jaxinfer.config import ModelConfig
-from partitioning.cost_model import GATHERED_AXES, StepEstimate, Workload, estimate
+from partitioning.cost_model import StepEstimate, Workload, estimate
 from partitioning.hardware import HardwareProfile
 from partitioning.mesh import dcn_placements, factorizations
-from partitioning.plan import ATTENTION, LAYOUTS, PhasePlan, Plan
+from partitioning.plan import ATTENTION, GATHERED_AXES, LAYOUTS, PhasePlan, Plan
 
 
 class PlanningError(ValueError):
