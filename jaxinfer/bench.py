@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -98,6 +99,11 @@ def build_checkpoint(path: str, seed: int = 0) -> None:
     cfg = transformers.LlamaConfig(**BENCH_SHAPE, bos_token_id=1, eos_token_id=2,
                                    tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def _vocab_size(path: str) -> int:
+    with open(os.path.join(path, "config.json")) as fh:
+        return int(json.load(fh)["vocab_size"])
 
 
 def _prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
@@ -246,7 +252,7 @@ def _bench_and_print(args) -> int:
         progress.advance(task)
         for b in args.batch:
             row = Row(batch=b)
-            prompts = _prompts(b, args.prompt_len, BENCH_SHAPE["vocab_size"], seed=b)
+            prompts = _prompts(b, args.prompt_len, _vocab_size(path), seed=b)
             progress.update(task, description=f"jaxinfer batch {b}")
             run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop,
                          args.quantize)
