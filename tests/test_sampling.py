@@ -88,7 +88,7 @@ def test_logprob_is_raw_log_softmax():
 
 
 def test_repetition_penalty_matches_transformers():
-    logits = np.asarray(_logits(6))
+    logits = np.array(_logits(6))  # a writable copy: torch wraps it
     input_ids = np.array([[1, 5, 5, 9], [0, 2, 3, 4], [7, 7, 7, 7], [10, 20, 30, 40]])
     seen = np.zeros(logits.shape, bool)
     np.put_along_axis(seen, input_ids, True, axis=1)
