@@ -92,3 +92,25 @@ def test_cli_plan_auto_across_two_processes(checkpoint):
         assert rc == 0, err[-3000:]
         assert "(dcn " in err  # --verbose: the mesh spans two granules
         assert out.splitlines() == (want if pid == 0 else []), (out, err[-3000:])
+
+
+def test_quantize_on_load_across_two_processes(tmp_path):
+    """int4 weights + int8 KV cache, quantized after the sharded load in each process, under a
+    plan whose decode shards attention over the batch: tokens equal a one-process run."""
+    model = hf_fixtures.build_hf_model("llama", hidden_size=128, num_attention_heads=8,
+                                       num_key_value_heads=2, head_dim=16, intermediate_size=256)
+    path = hf_fixtures.save_hf_checkpoint(model, str(tmp_path))
+    cli = ["-m", "jaxinfer", "generate", "--model", path, "--tokens", "5,6,7,8", "--tokens",
+           "9,10", "--max-new-tokens", "8", "--quantize", "int4", "--group-size", "32",
+           "--kv-cache", "int8"]
+    ((rc, single, err),) = run_processes([cli], separate_stderr=True)
+    assert rc == 0, err[-3000:]
+    port = free_port()
+    outs = run_processes([cli + ["--plan", "2d-ws/heads,2d-ws/batch", "--mesh", "2x2x2",
+                                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                 "--process-id", str(pid), "--local-devices", "4"]
+                          for pid in range(2)], timeout=240, separate_stderr=True)
+    assert len(single.splitlines()) == 2
+    for pid, (rc, out, err) in enumerate(outs):
+        assert rc == 0, err[-3000:]
+        assert out == (single if pid == 0 else ""), (out, err[-3000:])
