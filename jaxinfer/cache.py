@@ -5,6 +5,11 @@ so a multiquery or grouped-query model stores only its KV heads, and one layer's
 ``[batch, kv_heads, max_len, head_dim]`` is exactly the layout the decode-attention kernel reads.
 Sequences are right-padded: sequence b holds valid entries at positions ``[0, lengths[b])``.
 
+The unrolled decode loop carries the cache split into one buffer per layer (`unstack_layers`:
+k, v and scales become tuples of [B, K, S, H] / [B, K, S] arrays, indexed by the same
+``cache.k[layer]``), so each layer's attention reads its buffer in place instead of a copied
+slice of the stacked array; `stack_layers` joins them back.
+
 An int8 cache (``KVCache.init(..., dtype=jnp.int8)``) stores K and V as symmetric int8 with one
 float32 scale per token and KV head, ``k_scale`` / ``v_scale`` [L, B, K, S]: each [H] vector is
 quantized on write (prefill and decode) and dequantized by the decode-attention kernel or its XLA
@@ -23,9 +28,9 @@ from jaxinfer.config import ModelConfig
 @flax.struct.dataclass
 class KVCache:
     k: jax.Array
-    """Keys [L, B, K, S, H]."""
+    """Keys [L, B, K, S, H] (or, split per layer, a tuple of L arrays [B, K, S, H])."""
     v: jax.Array
-    """Values [L, B, K, S, H]."""
+    """Values [L, B, K, S, H] (or a tuple of L arrays [B, K, S, H])."""
     lengths: jax.Array
     """Valid positions per sequence [B] (int32); the next token is written at lengths[b]."""
     k_scale: jax.Array | None = None
@@ -55,12 +60,33 @@ class KVCache:
         return self.k_scale is not None
 
     @property
+    def per_layer(self) -> bool:
+        """Whether K/V (and scales) are tuples of per-layer buffers (`unstack_layers`)."""
+        return isinstance(self.k, tuple)
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
+
+    def unstack_layers(self) -> "KVCache":
+        """The same cache as one buffer per layer (tuples); a no-op when already split."""
+        if self.per_layer:
+            return self
+        split = lambda x: None if x is None else tuple(x[i] for i in range(x.shape[0]))  # noqa: E731
+        return self.replace(k=split(self.k), v=split(self.v), k_scale=split(self.k_scale),
+                            v_scale=split(self.v_scale))
+
+    def stack_layers(self) -> "KVCache":
+        """Inverse of `unstack_layers`: [L, ...] arrays again."""
+        if not self.per_layer:
+            return self
+        join = lambda x: None if x is None else jnp.stack(x)  # noqa: E731
+        return self.replace(k=join(self.k), v=join(self.v), k_scale=join(self.k_scale),
+                            v_scale=join(self.v_scale))
 
     def nbytes(self) -> int:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
@@ -86,14 +112,19 @@ class KVCache:
         """Store one new token per sequence, k, v [B, K, H], at position lengths[b] of `layer`."""
         rows = jnp.arange(self.batch)
         pos = self.lengths
+
+        def put(buffers, new):  # new [B, K(, H)] at [layer, b, :, lengths[b]]
+            if not self.per_layer:
+                return buffers.at[layer, rows, :, pos].set(new.astype(buffers.dtype))
+            one = buffers[layer].at[rows, :, pos].set(new.astype(buffers[layer].dtype))
+            return buffers[:layer] + (one,) + buffers[layer + 1:]
+
         if self.quantized:
             (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
-            return self.replace(k=self.k.at[layer, rows, :, pos].set(k),
-                                v=self.v.at[layer, rows, :, pos].set(v),
-                                k_scale=self.k_scale.at[layer, rows, :, pos].set(k_scale),
-                                v_scale=self.v_scale.at[layer, rows, :, pos].set(v_scale))
-        return self.replace(k=self.k.at[layer, rows, :, pos].set(k.astype(self.k.dtype)),
-                            v=self.v.at[layer, rows, :, pos].set(v.astype(self.v.dtype)))
+            return self.replace(k=put(self.k, k), v=put(self.v, v),
+                                k_scale=put(self.k_scale, k_scale),
+                                v_scale=put(self.v_scale, v_scale))
+        return self.replace(k=put(self.k, k), v=put(self.v, v))
 
 
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -86,6 +86,12 @@ def decode_loop(params, first_logits, state: SamplingState, sp: SamplingParams, 
     """Sample the first token from the prefill logits, then decode until every row is done."""
     tokens, logprobs = sample(first_logits, state.seen, _step_keys(state), sp)
     state = _record(state, tokens, logprobs, stop_ids, max_new)
+    # Unrolled layers (a list of per-layer weights, the CPU default): carry one cache buffer per
+    # layer, so no layer's slice of the stacked cache is copied each step
+    # (`KVCache.unstack_layers`); splitting and joining cost one cache copy per call.
+    per_layer = isinstance(params["layers"], list) and rt.layers is None
+    if per_layer:
+        state = state.replace(cache=rt.shard_cache(state.cache.unstack_layers()))
 
     def cond(carry):
         state, _ = carry
@@ -101,7 +107,7 @@ def decode_loop(params, first_logits, state: SamplingState, sp: SamplingParams, 
         return _record(state, tokens, logprobs, stop_ids, max_new), tokens
 
     state, _ = jax.lax.while_loop(cond, body, (state, tokens))
-    return state
+    return state.replace(cache=rt.shard_cache(state.cache.stack_layers())) if per_layer else state
 
 
 def _seen_from_prompts(tokens: jax.Array, lengths: jax.Array, vocab: int) -> jax.Array:

@@ -55,11 +55,16 @@ class Runtime:
         """The KV cache constrained by the attention rules (keeps decode's layout in the loop)."""
         if (self.constrain_attention or self.constrain) is None:
             return cache
+        names = ax.KV_CACHE[1:] if cache.per_layer else ax.KV_CACHE  # per layer: no layer axis
+
+        def shard(buffers, names):
+            if cache.per_layer:
+                return tuple(self.shard_attention(b, names) for b in buffers)
+            return self.shard_attention(buffers, names)
+
         scales = {} if cache.k_scale is None else {
-            "k_scale": self.shard_attention(cache.k_scale, ax.KV_CACHE[:-1]),
-            "v_scale": self.shard_attention(cache.v_scale, ax.KV_CACHE[:-1])}
-        return cache.replace(k=self.shard_attention(cache.k, ax.KV_CACHE),
-                             v=self.shard_attention(cache.v, ax.KV_CACHE), **scales)
+            "k_scale": shard(cache.k_scale, names[:-1]), "v_scale": shard(cache.v_scale, names[:-1])}
+        return cache.replace(k=shard(cache.k, names), v=shard(cache.v, names), **scales)
 
 
 # attend(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], layer) -> (attn [B, T, N, H], carry)

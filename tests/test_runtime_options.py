@@ -35,6 +35,33 @@ def test_stack_unstack_roundtrip(family_checkpoints):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_per_layer_cache_writes_match_stacked(dtype):
+    """The unrolled decode loop's per-layer cache buffers hold exactly what the stacked cache
+    holds after the same token writes, scales included."""
+    import jax.numpy as jnp
+
+    from jaxinfer.cache import KVCache
+    from jaxinfer.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2,
+                      head_dim=4, d_ff=32, max_context=8)
+    stacked = KVCache.init(cfg, batch=2, max_len=8, dtype=jnp.dtype(dtype))
+    stacked = stacked.replace(lengths=jnp.array([3, 5], jnp.int32))
+    split = stacked.unstack_layers()
+    assert split.per_layer and len(split.k) == 3 and split.k[0].shape == (2, 2, 8, 4)
+    assert (split.batch, split.max_len) == (stacked.batch, stacked.max_len)
+    rng = np.random.default_rng(0)
+    for layer in (2, 0):
+        k, v = (jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32) for _ in range(2))
+        stacked, split = stacked.write_token(layer, k, v), split.write_token(layer, k, v)
+    joined = split.stack_layers()
+    assert not joined.per_layer
+    for got, want in zip(jax.tree.leaves(joined), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.abs(np.asarray(joined.k[2], np.float32)).sum() > 0  # the writes landed
+
+
 def test_auto_layer_loop_unrolls_on_cpu(family_checkpoints):
     assert jaxinfer.load(family_checkpoints("llama").path).layer_loop == "unrolled"
 
