@@ -88,8 +88,12 @@ def decode_loop(params, first_logits, state: SamplingState, sp: SamplingParams, 
     state = _record(state, tokens, logprobs, stop_ids, max_new)
     # Unrolled layers (a list of per-layer weights, the CPU default): carry one cache buffer per
     # layer, so no layer's slice of the stacked cache is copied each step
-    # (`KVCache.unstack_layers`); splitting and joining cost one cache copy per call.
-    per_layer = isinstance(params["layers"], list) and rt.layers is None
+    # (`KVCache.unstack_layers`); splitting and joining cost one cache copy per call. Not at
+    # batch 1: there XLA:CPU duplicates each buffer's in-place write for the attention dot's
+    # squeezed operand and copies every buffer per step (`scripts/profile_decode.py`: copies 9%
+    # of the step, against 3% for slicing the stacked cache).
+    per_layer = (isinstance(params["layers"], list) and rt.layers is None
+                 and state.cache.batch > 1)
     if per_layer:
         state = state.replace(cache=rt.shard_cache(state.cache.unstack_layers()))
 
