@@ -245,7 +245,7 @@ def add_bench_parser(sub) -> None:
 
 def run_bench(args) -> int:
     distributed.initialize_from_args(args)
-    with distributed.native_stdout_to_stderr(enabled=jax.process_count() > 1):
+    with distributed.native_stdout_to_stderr():
         return _bench_and_print(args)
 
 
@@ -262,9 +262,10 @@ def _bench_and_print(args) -> int:
             progress.update(task, description="building random 125M Llama checkpoint")
             build_checkpoint(path)
         progress.advance(task)
+        vocab = _vocab_size(path)
         for b in args.batch:
             row = Row(batch=b)
-            prompts = _prompts(b, args.prompt_len, _vocab_size(path), seed=b)
+            prompts = _prompts(b, args.prompt_len, vocab, seed=b)
             progress.update(task, description=f"jaxinfer batch {b}")
             run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop,
                          args.quantize)

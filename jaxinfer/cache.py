@@ -72,21 +72,20 @@ class KVCache:
     def batch(self) -> int:
         return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
 
+    def _map_buffers(self, fn) -> "KVCache":
+        """fn applied to k, v and (int8 caches) their scales; lengths unchanged."""
+        names = ("k", "v") + (("k_scale", "v_scale") if self.quantized else ())
+        return self.replace(**{name: fn(getattr(self, name)) for name in names})
+
     def unstack_layers(self) -> "KVCache":
         """The same cache as one buffer per layer (tuples); a no-op when already split."""
         if self.per_layer:
             return self
-        split = lambda x: None if x is None else tuple(x[i] for i in range(x.shape[0]))  # noqa: E731
-        return self.replace(k=split(self.k), v=split(self.v), k_scale=split(self.k_scale),
-                            v_scale=split(self.v_scale))
+        return self._map_buffers(lambda x: tuple(x[i] for i in range(x.shape[0])))
 
     def stack_layers(self) -> "KVCache":
         """Inverse of `unstack_layers`: [L, ...] arrays again."""
-        if not self.per_layer:
-            return self
-        join = lambda x: None if x is None else jnp.stack(x)  # noqa: E731
-        return self.replace(k=join(self.k), v=join(self.v), k_scale=join(self.k_scale),
-                            v_scale=join(self.v_scale))
+        return self._map_buffers(jnp.stack) if self.per_layer else self
 
     def nbytes(self) -> int:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-import jax
-
 from jaxinfer import distributed
 
 
@@ -130,7 +128,7 @@ def _plan_from_args(args, prompts):
 
 def run_generate(args) -> int:
     distributed.initialize_from_args(args)
-    with distributed.native_stdout_to_stderr(enabled=jax.process_count() > 1):
+    with distributed.native_stdout_to_stderr():
         return _generate_and_print(args)
 
 

@@ -230,15 +230,15 @@ def peak_host_bytes() -> int:
 
 
 @contextlib.contextmanager
-def native_stdout_to_stderr(enabled: bool = True):
-    """Within the block, what native libraries write to file descriptor 1 goes to stderr, while
-    Python's ``sys.stdout`` keeps writing to the real stdout.
+def native_stdout_to_stderr():
+    """In a multi-process program, what native libraries write to file descriptor 1 goes to
+    stderr within the block, while Python's ``sys.stdout`` keeps writing to the real stdout.
 
     Gloo (the CPU collectives) prints a line per connection with C++ ``std::cout``, interleaved
-    with the program's output; the CLI runs multi-process commands inside this block so their
-    stdout holds only results (``--json`` stays parseable).
+    with the program's output; the CLI runs its commands inside this block so their stdout holds
+    only results (``--json`` stays parseable). A no-op in a single process.
     """
-    if not enabled:
+    if jax.process_count() == 1:
         yield
         return
     sys.stdout.flush()
