@@ -14,7 +14,8 @@ from jaxinfer.config import ConfigError, ModelConfig, RopeScaling
 from jaxinfer.generate import GenerationResult
 from jaxinfer.hf_weights import CheckpointError
 from jaxinfer.sampling import SamplingConfig
+from jaxinfer.validation import InvalidArgument
 
 __all__ = ["load", "Model", "ModelConfig", "RopeScaling", "KVCache", "GenerationResult",
-           "SamplingConfig", "ConfigError", "CheckpointError"]
+           "SamplingConfig", "ConfigError", "CheckpointError", "InvalidArgument"]
 __version__ = "0.1.0"

@@ -11,81 +11,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import builtin, checkpoint, hf_weights, model as model_lib, quant
+from jaxinfer import builtin, checkpoint, hf_weights, placement, quant, validation
 from jaxinfer.cache import KVCache
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.generate import GenerationResult, Generator
 from jaxinfer.hf_weights import CheckpointError
-from jaxinfer.params import (Params, abstract_params, init_params, param_bytes, stack_layers,
-                             unstack_layers)
+from jaxinfer.model import Runtime
+from jaxinfer.params import Params, abstract_params, init_params, param_bytes
+from jaxinfer.programs import Programs
 from jaxinfer.sampling import SamplingConfig
+from jaxinfer.sharding import PhaseSharding
 from jaxinfer.tokenizer import Tokenizer
+from partitioning.execution import plan_shardings
 
 DTYPES = ("float32", "bfloat16", "float16")
-LAYER_LOOPS = ("scan", "unrolled")
-"""How the decoder runs its layers: one `lax.scan` over stacked weights (fast to compile) or a loop
-unrolled over per-layer weights (each weight read in place: on XLA:CPU a scan copies every layer's
-weights out of the stack each step, ~1.4x slower decode). 'auto' picks unrolled on CPU, scan on
-TPU/GPU (compile time of deep models)."""
 KV_CACHE_MODES = (None, "int8")
-COLLECTIVES = ("xla", "explicit")
-"""How a plan's layouts run: sharding constraints only, or per-chip code with the paper's
-collectives (`partitioning.collective_layer`)."""
-
-
-def _layer_loop(layer_loop: str) -> str:
-    if layer_loop not in LAYER_LOOPS + ("auto",):
-        raise ValueError(f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, got {layer_loop!r}")
-    if layer_loop == "auto":
-        return "unrolled" if jax.default_backend() == "cpu" else "scan"
-    return layer_loop
 
 
 def _check_dtype(dtype) -> jnp.dtype:
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return jnp.dtype(name)
+    return jnp.dtype(validation.dtype_name("dtype", dtype, DTYPES))
 
 
 class Model:
     """A loaded model: configuration, parameters, optional tokenizer, compiled programs."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None = None,
-                 attention_backend: str = "auto", layer_loop: str = "auto",
-                 kv_cache: str | None = None, quantization: quant.QuantConfig | None = None,
-                 plan=None, mesh=None, collectives: str = "xla"):
-        layer_loop = _layer_loop(layer_loop)
+                 attention_backend: str = "auto", kv_cache: str | None = None,
+                 quantization: quant.QuantConfig | None = None, plan=None, mesh=None):
+        """plan: a `partitioning.plan.Plan` (prefill and decode run under its layouts on `mesh`,
+        default all devices); None: one device."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
         if (quantization is not None) != quant.is_quantized(params):
             raise ValueError("pass quantization exactly when the parameters are quantized")
         self.config = config
-        restructure = unstack_layers if layer_loop == "unrolled" else stack_layers
-        self.layer_loop = layer_loop
         self.tokenizer = tokenizer
-        self.runtime = model_lib.Runtime(attention_backend=attention_backend)
+        self.plan = plan
+        self.attention_backend = attention_backend
         self.dtype = params["embed"].dtype  # embeddings stay float in a quantized model
         self.kv_cache = kv_cache
         self.quantization = quantization
         self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache == "int8" else self.dtype
-        if collectives == "explicit" and quantization is not None:
-            raise ValueError("collectives='explicit' runs float weights only; use "
-                             "collectives='xla' for a quantized model under a plan")
-        self.placement = _placement(config, plan, mesh, collectives)
-        logits_rt = self.runtime
-        if self.placement is None:
-            self.params = restructure(params)
-        else:
-            if _on_host(params):  # host arrays: placed first, restructured on the mesh
-                params = self.placement.place_params(params, quantization)
-            self.params = self.placement.restructure_params(params, restructure, quantization)
-            logits_rt = self.placement.runtime("prefill", self.runtime)
-        self._generator = Generator(config, self.runtime, cache_dtype=self.cache_dtype,
-                                    placement=self.placement)
-        self._logits_fn = jax.jit(functools.partial(model_lib.forward_logits, cfg=config,
-                                                    rt=logits_rt))
+        self.shardings = _shardings(config, plan, mesh)
+        self.params = placement.place_params(params, config, quantization, self.shardings[1])
+        self._generator = _generator(config, self.shardings, attention_backend, quantization,
+                                     self.cache_dtype)
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype="float32", **kwargs) -> "Model":
@@ -129,20 +100,18 @@ class Model:
         }
 
     def _encode(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompts and all(isinstance(p, str) for p in prompts):
+        prompts = validation.prompts(prompts)
+        if isinstance(prompts[0], str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer, and this model has none: "
-                                 "pass token ids (list[list[int]])")
+                raise validation.InvalidArgument(
+                    "text prompts need a tokenizer, and this model has none: pass token ids "
+                    "(list[list[int]])")
             return [self.tokenizer.encode(p) for p in prompts]
-        if any(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be all strings or all token-id lists, not a mix")
-        return [[int(t) for t in p] for p in prompts]
+        return prompts
 
     def logits(self, tokens) -> np.ndarray:
         """tokens int [B, T] -> float32 numpy logits [B, T, vocab] (causal, position 0 first)."""
-        tokens = np.asarray(tokens)
+        tokens = validation.logits_tokens(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}"
                              f"{tokens.shape}")
@@ -152,7 +121,22 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range "
                              f"[{tokens.min()}, {tokens.max()}]")
-        return np.asarray(self._logits_fn(self.params, jnp.asarray(tokens, jnp.int32)))
+        sh = self.shardings[0]
+        batch = -(-tokens.shape[0] // sh.batch_multiple) * sh.batch_multiple
+        padded = np.zeros((batch, tokens.shape[1]), np.int32)
+        padded[:tokens.shape[0]] = tokens
+        logits = self._generator.programs.logits(
+            self.params, placement.host_array(padded, sh.row_spec(1), sh))
+        return np.asarray(_fetch_all(logits))[:tokens.shape[0]]
+
+    def compiled_hlo(self, phase: str, batch: int, context: int,
+                     prompt_len: int | None = None) -> str:
+        """The optimized HLO (`compiled.as_text()`) of exactly the program `generate` runs for
+        this shape bucket under the model's plan and backends: "prefill" of `prompt_len` tokens
+        (default `context`), or "decode": one step of the decode loop, compiled alone with the
+        loop's shardings, over a cache of `context` positions."""
+        lowered = self._generator.lowered(self.params, phase, batch, context, prompt_len)
+        return lowered.compile().as_text()
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
@@ -162,10 +146,12 @@ class Model:
 
         stop_tokens=None stops at the checkpoint's EOS id(s); [] never stops early.
         """
+        sampling_args = validation.sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        max_new_tokens, seed = validation.max_new_tokens(max_new_tokens), validation.seed(seed)
+        stop_tokens = validation.stop_tokens(stop_tokens)
         token_prompts = self._encode(prompts)
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repetition_penalty=repetition_penalty)
-        stops = self.config.eos_token_ids if stop_tokens is None else tuple(stop_tokens)
+        sampling = SamplingConfig(**sampling_args)
+        stops = self.config.eos_token_ids if stop_tokens is None else stop_tokens
         bad = [t for t in stops if not 0 <= int(t) < self.config.vocab_size]
         if bad:
             raise ValueError(f"stop token {bad[0]} is outside the vocabulary")
@@ -176,39 +162,65 @@ class Model:
             result = dataclasses.replace(result, text=text)
         return result
 
-    def save(self, path: str) -> None:
-        """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly."""
-        checkpoint.save_jaxinfer(path, self.config, stack_layers(self.params),
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly.
+
+        Atomic: written into a temporary sibling directory, then renamed into place. An existing
+        non-empty directory is replaced only with overwrite=True."""
+        path, overwrite = validation.save_path(path), validation.boolean("overwrite", overwrite)
+        checkpoint.save_jaxinfer(path, self.config, self.params,
                                  self.tokenizer.path if self.tokenizer else None,
-                                 self.quantization.to_dict() if self.quantization else None)
+                                 self.quantization.to_dict() if self.quantization else None,
+                                 overwrite=overwrite)
 
 
-def _on_host(params) -> bool:
-    return any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+def _fetch_all(x: jax.Array) -> np.ndarray:
+    """A host copy of an array that may span several processes' devices."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _placement(cfg: ModelConfig, plan, mesh, collectives: str):
-    """A `partitioning.sharding.Placement` for `plan` (mesh: a `jax.sharding.Mesh` with axes
-    x, y, z, built from all devices by default), or None without a plan."""
-    if collectives not in COLLECTIVES:
-        raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
+def _generator(cfg: ModelConfig, shardings, attention_backend: str, qc, cache_dtype) -> Generator:
+    prefill_sh, decode_sh = shardings
+    return Generator(Programs(cfg, Runtime(prefill_sh, attention_backend, qc),
+                              Runtime(decode_sh, attention_backend, qc), jnp.dtype(cache_dtype)))
+
+
+def compiled_hlo(config: ModelConfig, phase: str, batch: int, context: int,
+                 prompt_len: int | None = None, *, dtype="float32", quantize: str | None = None,
+                 group_size: int | None = None, kv_cache: str | None = None, plan=None, mesh=None,
+                 attention_backend: str = "xla") -> str:
+    """`Model.compiled_hlo` of a model that is never materialized: the programs are lowered
+    from the parameters' shapes and shardings (any size of model; planning and audits)."""
+    dtype = _check_dtype(dtype)
+    qc = None if quantize is None else quant.QuantConfig.from_mode(quantize, group_size)
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+    shardings = _shardings(config, plan, mesh)
+    abstract = (abstract_params(config, dtype) if qc is None
+                else quant.abstract_quantized_params(config, qc, dtype))
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, placement.param_shardings(config, qc, shardings[1]))
+    cache_dtype = jnp.int8 if kv_cache == "int8" else dtype
+    generator = _generator(config, shardings, attention_backend, qc, cache_dtype)
+    return generator.lowered(params, phase, batch, context, prompt_len).compile().as_text()
+
+
+def _shardings(cfg: ModelConfig, plan, mesh) -> tuple[PhaseSharding, PhaseSharding]:
+    """(prefill, decode) shardings: the plan's layouts on `mesh`, or one device."""
     if plan is None:
         if mesh is not None:
             raise ValueError("mesh= needs plan= (a partitioning.plan.Plan naming the layouts)")
-        return None
-    from partitioning.mesh import make_mesh
-    from partitioning.plan import Plan
-    from partitioning.sharding import Placement
-    if not isinstance(plan, Plan):
-        raise ValueError(f"plan must be a partitioning.plan.Plan, got {type(plan).__name__}")
-    return Placement(plan, cfg, make_mesh(plan.decode.mesh) if mesh is None else mesh,
-                     explicit=collectives == "explicit")
+        single = PhaseSharding.single_device()
+        return single, single
+    return plan_shardings(plan, cfg, mesh)
 
 
 def load(source: str, dtype="float32", *, attention_backend: str = "auto",
-         layer_loop: str = "auto", quantize: str | None = None, kv_cache: str | None = None,
-         group_size: int | None = None, plan=None, mesh=None,
-         collectives: str = "xla") -> Model:
+         quantize: str | None = None, kv_cache: str | None = None,
+         group_size: int | None = None, plan=None, mesh=None) -> Model:
     """Load a Hugging Face checkpoint directory, a jaxinfer (orbax) checkpoint directory, or a
     built-in model ("builtin", "builtin-draft": see `jaxinfer.builtin`).
 
@@ -217,11 +229,11 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
     rows per scale, default 128) weight-only quantization of the projections (`jaxinfer.quant`).
     kv_cache: "int8" stores the KV cache as int8 with per-token-per-head scales.
     plan: a `partitioning.plan.Plan`; weights and cache are placed on `mesh` (default: all devices
-    as the plan's x, y, z mesh) and prefill and decode run under the plan's layouts.
-    collectives: "xla" (sharding constraints; XLA picks the collectives) or "explicit" (the
-    paper's collectives written out per chip, `partitioning.collective_layer`; float weights).
+    as the plan's x, y, z mesh) and prefill and decode run under the plan's layouts, each as one
+    per-chip program with the layout's collectives (`jaxinfer.model`).
     """
-    dtype = _check_dtype(dtype)
+    source, dtype = validation.source_path(source), _check_dtype(dtype)
+    group_size = validation.optional_integer("group_size", group_size, 1)
     qc = None if quantize is None else quant.QuantConfig.from_mode(quantize, group_size)
     if quantize is None and group_size is not None:
         raise ValueError("group_size only applies with quantize='int4' or 'int8'")
@@ -233,28 +245,29 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
         raise CheckpointError(f"the built-in model {source!r} is missing from this installation "
                               f"({builtin_dir}); run scripts/train_builtin.py")
     source = builtin_dir or source
+    if os.path.exists(source) and not os.path.isdir(source):
+        raise CheckpointError(f"checkpoint path {source!r} is a file, not a checkpoint directory")
     if not os.path.isdir(source):
         raise CheckpointError(f"checkpoint directory {source!r} does not exist")
     stored = None
-    placement = _placement(checkpoint.read_config(source), plan, mesh, collectives)
+    shardings = _shardings(checkpoint.read_config(source), plan, mesh)
+    decode_sh = shardings[1]
     if checkpoint.is_jaxinfer_checkpoint(source):
         stored = checkpoint.read_quantization(source)
         if stored is not None and qc is not None:
             raise ValueError(f"{source} is already quantized (int{stored['bits']}); load it "
                              "without quantize=, or quantize its float checkpoint")
-        shardings = None if placement is None else functools.partial(
-            placement.param_shardings,
-            quantization=None if stored is None else quant.QuantConfig.from_dict(stored))
-        cfg, params = checkpoint.load_jaxinfer(source, shardings)
+        stored_qc = None if stored is None else quant.QuantConfig.from_dict(stored)
+        cfg_jaxinfer = checkpoint.read_config(source)
+        cfg, params = checkpoint.load_jaxinfer(
+            source, lambda tree: placement.param_shardings(cfg_jaxinfer, stored_qc, decode_sh))
         if builtin_dir is not None:  # shipped in bfloat16 to stay small; computed in `dtype`
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-    elif placement is not None:  # each process reads only its devices' shards
-        cfg = placement.cfg
+    elif plan is not None:  # each process reads only its devices' shards
+        cfg = checkpoint.read_config(source)
         reader = hf_weights.SafetensorsReader(source)
-        abstract = abstract_params(cfg, dtype)
         params = placement.read_params(
-            jax.eval_shape(unstack_layers, abstract) if _layer_loop(layer_loop) == "unrolled"
-            else abstract,
+            cfg, dtype, decode_sh,
             functools.partial(hf_weights.read_hf_shard, reader, cfg, dtype.name))
     else:
         cfg, params = checkpoint.load_hf(source, dtype)
@@ -263,5 +276,5 @@ def load(source: str, dtype="float32", *, attention_backend: str = "auto",
     elif stored is not None:
         qc = quant.QuantConfig.from_dict(stored)
     return Model(cfg, params, Tokenizer.from_dir(source), attention_backend=attention_backend,
-                 layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc, plan=plan,
-                 mesh=mesh if placement is None else placement.mesh, collectives=collectives)
+                 kv_cache=kv_cache, quantization=qc, plan=plan,
+                 mesh=None if plan is None else decode_sh.mesh)

@@ -9,7 +9,6 @@ Einsum letters (scaling-book convention) used in shape comments throughout the c
 ======  =============  ===========================================================
 letter  logical name   meaning
 ======  =============  ===========================================================
-L       ``layers``     stacked decoder layers (leading axis of every layer weight)
 V       ``vocab``      vocabulary
 D       ``embed``      model width, d_model (Pope et al.: E)
 F       ``mlp``        feed-forward width, d_ff
@@ -28,7 +27,6 @@ names so a layout can shard a weight's model axis differently from the activatio
 is ``B L E_xyz``).
 """
 
-LAYERS = "layers"
 VOCAB = "vocab"
 EMBED = "embed"
 MLP = "mlp"
@@ -45,7 +43,7 @@ ACT_Q_HEADS = "act_q_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_VOCAB = "act_vocab"
 
-PARAM_AXES = (LAYERS, VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, HEAD_DIM)
+PARAM_AXES = (VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, HEAD_DIM)
 ACTIVATION_AXES = (BATCH, SEQ, CACHE_SEQ, ACT_EMBED, ACT_MLP, ACT_Q_HEADS, ACT_KV_HEADS, ACT_VOCAB)
 ALL_AXES = PARAM_AXES + ACTIVATION_AXES
 
@@ -55,4 +53,4 @@ FFN_HIDDEN = (BATCH, SEQ, ACT_MLP)  # [B, T, F]
 QUERIES = (BATCH, SEQ, ACT_Q_HEADS, HEAD_DIM)  # [B, T, N, H]
 KEYS = (BATCH, SEQ, ACT_KV_HEADS, HEAD_DIM)  # [B, T, K, H]
 LOGITS = (BATCH, SEQ, ACT_VOCAB)  # [B, T, V]
-KV_CACHE = (LAYERS, BATCH, ACT_KV_HEADS, CACHE_SEQ, HEAD_DIM)  # [L, B, K, S, H]
+KV_CACHE = (BATCH, ACT_KV_HEADS, CACHE_SEQ, HEAD_DIM)  # one layer's cache [B, K, S, H]

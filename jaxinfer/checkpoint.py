@@ -8,9 +8,15 @@ stores each `QuantizedWeight` as its ``data`` and ``scale`` arrays, restored wit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
+import tempfile
+import threading
+import time
 
 import flax.serialization
 import jax
@@ -35,11 +41,18 @@ def is_hf_checkpoint(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from `path`; anything else (bad JSON, a list, unreadable) is an error."""
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"corrupt JSON in {path}: {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a JSON "
+                              f"{type(data).__name__}")
+    return data
 
 
 def read_hf_config(path: str) -> ModelConfig:
@@ -79,24 +92,65 @@ def _expected_params(cfg: ModelConfig, meta: dict) -> Params:
 
 
 def save_jaxinfer(path: str, cfg: ModelConfig, params: Params,
-                  tokenizer_file: str | None = None, quantization: dict | None = None) -> None:
-    """Write params with orbax plus the config (and tokenizer) next to them."""
+                  tokenizer_file: str | None = None, quantization: dict | None = None,
+                  overwrite: bool = False) -> None:
+    """Write params with orbax plus the config (and tokenizer) next to them, atomically.
+
+    Everything is written into a temporary sibling directory that is renamed into place once
+    complete and removed on any failure (a full disk included), so `path` either holds the whole
+    checkpoint or is left as it was. A non-empty `path` is replaced only with `overwrite`."""
     path = os.path.abspath(path)
-    if os.path.exists(path) and os.listdir(path):
-        raise FileExistsError(f"refusing to overwrite non-empty directory {path}")
-    os.makedirs(path, exist_ok=True)
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"refusing to overwrite non-empty directory {path} "
+                              "(pass overwrite=True to replace it)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.saving-", dir=parent)
+    try:
+        write_checkpoint(tmp, cfg, params, tokenizer_file, quantization)
+        _move_into_place(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"cannot save checkpoint to {path}: {err.strerror or err}; "
+                                  "nothing was written there") from err
+        raise
+
+
+def write_checkpoint(directory: str, cfg: ModelConfig, params: Params,
+                     tokenizer_file: str | None, quantization: dict | None) -> None:
+    """The checkpoint's files, written into the (empty) `directory`."""
     dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, "params"), flax.serialization.to_state_dict(params))
+    checkpointer.save(os.path.join(directory, "params"), flax.serialization.to_state_dict(params))
     checkpointer.wait_until_finished()
     if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.json"))
+        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.json"))
     meta = {"format": "jaxinfer", "version": FORMAT_VERSION, "config": cfg.to_dict(),
             "dtypes": dtypes}
     if quantization is not None:
         meta["quantization"] = quantization
-    with open(os.path.join(path, JAXINFER_META), "w") as fh:
+    with open(os.path.join(directory, JAXINFER_META), "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished `tmp` to `path`; an existing `path` is moved aside first and deleted
+    only after the rename succeeded (restored if it failed)."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-",
+                             dir=os.path.dirname(path))
+    old = os.path.join(aside, "old")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(old, path)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _read_jaxinfer_meta(path: str) -> tuple[ModelConfig, dict]:
@@ -110,6 +164,44 @@ def _read_jaxinfer_meta(path: str) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path}: corrupt model config in {JAXINFER_META}: {err}") from None
 
 
+_NOISY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore")
+_SETTLE_S = 1.0
+
+
+@contextlib.contextmanager
+def quiet_restore():
+    """Silence what orbax / TensorStore print about a corrupt checkpoint while it is read: their
+    log records and, from TensorStore's callbacks into an event loop orbax already closed, a
+    stream of "Event loop is closed" RuntimeErrors (reported through `sys.unraisablehook`). The
+    one `CheckpointError` raised by `load_jaxinfer` says what is wrong. After a failure the
+    callbacks still in flight are given up to `_SETTLE_S` seconds to arrive (and be dropped)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    previous_hook = sys.unraisablehook
+    arrived = threading.Event()
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError):
+            arrived.set()
+        else:
+            previous_hook(unraisable)
+
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        deadline = time.monotonic() + _SETTLE_S
+        while time.monotonic() < deadline and arrived.wait(0.05):
+            arrived.clear()
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def load_jaxinfer(path: str, shardings=None) -> tuple[ModelConfig, Params]:
     """Restore a jaxinfer checkpoint. shardings: optional function (expected abstract params ->
     a tree of `jax.sharding.Sharding`); orbax then restores each array straight into its shards,
@@ -120,10 +212,19 @@ def load_jaxinfer(path: str, shardings=None) -> tuple[ModelConfig, Params]:
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"cannot restore parameters: {params_dir} does not exist")
+    with quiet_restore():
+        return cfg, _restore(checkpointer, path, params_dir, cfg, meta, shardings)
+
+
+def _restore(checkpointer, path: str, params_dir: str, cfg: ModelConfig, meta: dict,
+             shardings) -> Params:
     try:
         metadata = checkpointer.metadata(params_dir)
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)  # orbax >= 0.11 wraps the tree in TreeMetadata
+        if tree is None:
+            raise CheckpointError(f"{path}: the parameters in {params_dir} are corrupt or "
+                                  "incomplete (orbax cannot read their metadata)")
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
         expected_tree = _expected_params(cfg, meta)
         expected = flax.serialization.to_state_dict(expected_tree)
@@ -133,7 +234,8 @@ def load_jaxinfer(path: str, shardings=None) -> tuple[ModelConfig, Params]:
                                                                      sharding=sh),
                                   target, placed)
         if jax.tree.structure(target) != jax.tree.structure(expected):
-            raise CheckpointError(f"{path}: stored parameter tree does not match its config")
+            raise CheckpointError(f"{path}: stored parameter tree does not match its config "
+                                  "(corrupt, incomplete or from another model)")
         for (key, got), want in zip(jax.tree_util.tree_leaves_with_path(target),
                                     jax.tree.leaves(expected)):
             if got.shape != want.shape:
@@ -145,5 +247,7 @@ def load_jaxinfer(path: str, shardings=None) -> tuple[ModelConfig, Params]:
     except CheckpointError:
         raise
     except Exception as err:  # orbax / tensorstore raise many error types
-        raise CheckpointError(f"cannot restore parameters from {params_dir}: {err}") from None
-    return cfg, params
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot restore parameters from {params_dir} (corrupt or "
+                              f"incomplete checkpoint): {first_line[:300]}") from None
+    return params

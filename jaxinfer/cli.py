@@ -1,12 +1,33 @@
-"""The `jaxinfer` command line."""
+"""The `jaxinfer` command line.
+
+Exit codes: 0 success; 2 a user error (bad argument, checkpoint or config: one line on stderr
+naming the problem, no traceback; `--debug` adds it); 1 an internal error (one-line summary).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import traceback
 
 from jaxinfer import distributed
+from jaxinfer.config import ConfigError
+from jaxinfer.generate import NonFiniteLogitsError
+from jaxinfer.hf_weights import CheckpointError
+
+USER_ERRORS = (ValueError, CheckpointError, ConfigError, distributed.DistributedError,
+               NonFiniteLogitsError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+"""Exceptions that mean the input (arguments, checkpoint, environment) is wrong: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _token_list(text: str) -> list[int]:
@@ -57,9 +78,6 @@ def add_generate_parser(sub) -> None:
                       "device count)")
     part.add_argument("--hardware", default=None,
                       help="profile --plan auto prices with (default: detected from the devices)")
-    part.add_argument("--collectives", default="xla", choices=["xla", "explicit"],
-                      help="sharding constraints (XLA picks collectives) or the paper's "
-                      "collectives written out per chip (float weights)")
     distributed.add_distributed_args(p)
     p.set_defaults(handler=run_generate)
 
@@ -140,7 +158,7 @@ def _generate_and_print(args) -> int:
     plan = _plan_from_args(args, prompts)
     model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
                           quantize=args.quantize, kv_cache=args.kv_cache,
-                          group_size=args.group_size, plan=plan, collectives=args.collectives)
+                          group_size=args.group_size, plan=plan)
     if args.verbose:
         if plan is not None:
             print(f"plan: prefill {plan.prefill.layout}/{plan.prefill.attention}, decode "
@@ -149,24 +167,48 @@ def _generate_and_print(args) -> int:
         report = model.memory_report(len(prompts), model.config.max_context)
         report["peak_host_bytes"] = distributed.peak_host_bytes()
         print("memory: " + " ".join(f"{k}={v}" for k, v in report.items()), file=sys.stderr)
-    result = model.generate(
-        prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens, seed=args.seed)
-    if not distributed.is_leader():  # every process has the results; one prints them
-        return 0
+    try:
+        result = model.generate(
+            prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens,
+            seed=args.seed)
+    except NonFiniteLogitsError as err:  # the other requests' results are still printed
+        if distributed.is_leader():
+            _print_results(args, err.result)
+        raise
+    if distributed.is_leader():  # every process has the results; one prints them
+        _print_results(args, result)
+    return 0
+
+
+def json_line(record: dict) -> str:
+    """`record` as one line of strict JSON: a non-finite float (a logprob of a request that
+    stopped with finish_reason 'error') is written as null, never as a bare NaN."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    return json.dumps(clean(record), allow_nan=False)
+
+
+def _print_results(args, result) -> None:
     for i in range(len(result.tokens)):
         text = result.text[i] if result.text is not None else None
         if args.json:
-            print(json.dumps({"tokens": result.tokens[i], "text": text,
-                              "finish_reason": result.finish_reasons[i],
-                              "logprobs": result.logprobs[i]}))
+            print(json_line({"tokens": result.tokens[i], "text": text,
+                             "finish_reason": result.finish_reasons[i],
+                             "logprobs": result.logprobs[i]}))
         elif text is not None:
             prefix = args.prompt[i] if args.prompt is not None else ""
             print(prefix + text)
         else:
             print(",".join(map(str, result.tokens[i])))
-    return 0
 
 
 # Each entry adds one subcommand parser and binds its handler with `set_defaults(handler=...)`.
@@ -193,18 +235,42 @@ SUBCOMMAND_BUILDERS = (add_generate_parser, add_bench_parser, add_plan_parser,
                        add_calibrate_parser)
 
 
+DEBUG_HELP = "on an error, print the full traceback too"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxinfer", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_parser in SUBCOMMAND_BUILDERS:
         add_parser(sub)
+    for subparser in sub.choices.values():  # `jaxinfer generate ... --debug` works as well
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help=DEBUG_HELP)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:  # incl. DistributedError
-        print(f"jaxinfer {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"jaxinfer {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jaxinfer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"jaxinfer {args.command}: internal error: {type(err).__name__}: "
+              f"{_one_line(err)}{hint}", file=sys.stderr)
+        return 1

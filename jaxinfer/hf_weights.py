@@ -12,12 +12,12 @@ import dataclasses
 import json
 import math
 import os
-import struct
 from typing import Callable
 
 import jax
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy reader needs
 import numpy as np
+import safetensors
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.params import Params, check_params
@@ -31,27 +31,30 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _CHUNK_BYTES = 32 * 2**20
-"""Row blocks of at most this many bytes are read at a time when slicing columns, so reading a
-column shard of a tensor never holds the whole tensor."""
+"""A read copies at most this many bytes of whole rows per memory map (see `get_block`)."""
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+"""safetensors dtypes a weight may have (converted to the load dtype); an integer or bool weight
+is an error, never a silent cast."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _TensorInfo:
     filename: str
-    dtype: np.dtype
+    """The safetensors file holding the tensor (relative to the checkpoint directory)."""
+    dtype: str
+    """safetensors dtype name ('F32', 'BF16', 'I32', ...)."""
     shape: tuple[int, ...]
-    offset: int
-    """Absolute byte offset of the first element in the file."""
+    """The tensor's shape as stored."""
 
 
 class SafetensorsReader:
     """Reads tensors, or row/column blocks of them, by name from a single ``model.safetensors``
-    or a sharded index.
+    or a sharded index, through the `safetensors` library.
 
-    Reads go through ``os.pread`` of exactly the bytes needed (the safetensors layout: an 8-byte
-    header length, a JSON header, row-major data), not through a memory map: a process loading
-    its shard of a model then holds that shard only, not page-cache pages of the whole file
-    (sharded multi-host loading, `read_hf_shard`).
+    A block is ``safe_open(...).get_slice(name)[rows, cols]``: a slice through the file's memory
+    map, which touches only the pages of those rows. Each read opens the file and closes it
+    afterwards, so the map (and its resident pages) lives only while a block is copied out: a
+    process loading its shard holds that shard only (sharded multi-host loading, `read_hf_shard`).
     """
 
     bytes_read = 0
@@ -62,11 +65,7 @@ class SafetensorsReader:
         self._headers: dict[str, dict[str, _TensorInfo]] = {}
         index_path = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index_path):
-            try:
-                with open(index_path) as fh:
-                    weight_map = json.load(fh)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"corrupt safetensors index {index_path}: {err}") from None
+            weight_map = _read_index(index_path)
         else:
             files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not files:
@@ -77,33 +76,24 @@ class SafetensorsReader:
                     weight_map[key] = name
         self.weight_map: dict[str, str] = weight_map
 
-    def _header(self, filename: str) -> dict[str, _TensorInfo]:
-        if filename in self._headers:
-            return self._headers[filename]
+    def _open(self, filename: str):
         path = os.path.join(self.directory, filename)
         if not os.path.exists(path):
             raise CheckpointError(f"weight file {path} listed in the index is missing")
-        size = os.path.getsize(path)
         try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > size - 8:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(fh.read(n))
-            base, infos = 8 + n, {}
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                dtype, shape = np.dtype(_ST_DTYPES[entry["dtype"]]), tuple(entry["shape"])
-                if end - begin != dtype.itemsize * math.prod(shape) or base + end > size:
-                    raise ValueError(f"tensor {name!r} bytes [{begin}, {end}) do not fit its "
-                                     f"shape {shape} {entry['dtype']} or the file ({size} bytes)")
-                infos[name] = _TensorInfo(filename, dtype, shape, base + begin)
-        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
+            return safetensors.safe_open(path, framework="numpy")
+        except (safetensors.SafetensorError, OSError) as err:
             raise CheckpointError(f"corrupt weight file {path}: {err}") from None
-        self._headers[filename] = infos
-        return infos
+
+    def _header(self, filename: str) -> dict[str, _TensorInfo]:
+        if filename not in self._headers:
+            with self._open(filename) as fh:
+                infos = {}
+                for name in fh.keys():
+                    sl = fh.get_slice(name)
+                    infos[name] = _TensorInfo(filename, sl.get_dtype(), tuple(sl.get_shape()))
+            self._headers[filename] = infos
+        return self._headers[filename]
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -122,27 +112,40 @@ class SafetensorsReader:
         return self.get_block(name, slice(None))
 
     def get_block(self, name: str, rows: slice, cols: slice | None = None) -> np.ndarray:
-        """``tensor[rows]`` (``tensor[rows, cols]`` for a matrix), reading only those rows."""
+        """``tensor[rows]`` (``tensor[rows, cols]`` for a matrix), reading only those rows.
+
+        Rows are copied out in blocks of at most `_CHUNK_BYTES` of whole rows, each through its
+        own short-lived map, so a column shard never has the pages of all its rows resident."""
         info = self.info(name)
-        r0, r1, _ = rows.indices(info.shape[0] if info.shape else 1)
-        row_elems = math.prod(info.shape[1:])
-        row_bytes = row_elems * info.dtype.itemsize
-        out = []
-        step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
-        path = os.path.join(self.directory, info.filename)
-        with open(path, "rb") as fh:
-            for a in range(r0, max(r1, r0 + (not info.shape)), step):
-                b = min(a + step, r1) if info.shape else 1
-                buf = os.pread(fh.fileno(), (b - a) * row_bytes, info.offset + a * row_bytes)
-                SafetensorsReader.bytes_read += len(buf)
-                if len(buf) != (b - a) * row_bytes:
-                    raise CheckpointError(f"cannot read weight {name!r} from {path}: the file "
-                                          "is truncated")
-                block = np.frombuffer(buf, info.dtype).reshape((b - a,) + info.shape[1:])
-                out.append(block if cols is None else block[:, cols].copy())
         if not info.shape:
-            return out[0].reshape(())
-        return np.concatenate(out) if len(out) != 1 else out[0]
+            with self._open(info.filename) as fh:
+                return np.asarray(fh.get_slice(name)[:]).reshape(())
+        r0, r1, step = rows.indices(info.shape[0])
+        if step != 1:
+            raise ValueError(f"get_block reads contiguous rows, got step {step}")
+        row_bytes = math.prod(info.shape[1:]) * np.dtype(_ST_DTYPES[info.dtype]).itemsize
+        chunk = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+        out = []
+        for a in range(r0, max(r1, r0 + 1), chunk):
+            b = min(a + chunk, r1)
+            with self._open(info.filename) as fh:
+                sl = fh.get_slice(name)
+                out.append(np.asarray(sl[a:b] if cols is None else sl[a:b, cols]))
+            SafetensorsReader.bytes_read += out[-1].nbytes
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+    try:
+        with open(index_path) as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"corrupt safetensors index {index_path}: {err!r}") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"corrupt safetensors index {index_path}: weight_map must map "
+                              "tensor names to file names")
+    return weight_map
 
 
 Read = Callable[[str], np.ndarray]
@@ -228,16 +231,87 @@ def _leaf_readers(cfg: ModelConfig) -> Params:
     return readers
 
 
-def _reader_fn(reader: SafetensorsReader, dtype) -> Read:
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
-    return lambda name: reader.get(name).astype(np_dtype)
+def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF shape of every per-layer tensor, by name suffix (HF linear weights are [out, in])."""
+    N, K, H, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.d_ff
+    if cfg.name == "falcon":
+        return {"input_layernorm.weight": (D,), "input_layernorm.bias": (D,),
+                "self_attention.query_key_value.weight": ((N + 2) * H, D),
+                "self_attention.dense.weight": (D, N * H),
+                "mlp.dense_h_to_4h.weight": (F, D), "mlp.dense_4h_to_h.weight": (D, F)}
+    shapes = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+              "self_attn.q_proj.weight": (N * H, D), "self_attn.k_proj.weight": (K * H, D),
+              "self_attn.v_proj.weight": (K * H, D), "self_attn.o_proj.weight": (D, N * H),
+              "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D),
+              "mlp.down_proj.weight": (D, F)}
+    if cfg.qkv_bias:
+        shapes.update({"self_attn.q_proj.bias": (N * H,), "self_attn.k_proj.bias": (K * H,),
+                       "self_attn.v_proj.bias": (K * H,)})
+    return shapes
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape the config declares for every HF tensor jaxinfer reads."""
+    names = _global_names(cfg)
+    shapes = {names["embed"]: (cfg.vocab_size, cfg.d_model), names["norm"] + ".weight":
+              (cfg.d_model,)}
+    if cfg.norm == "layer":
+        shapes[names["norm"] + ".bias"] = (cfg.d_model,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.d_model)
+    for i in range(cfg.n_layers):
+        for suffix, shape in _layer_shapes(cfg).items():
+            shapes[f"{names['layers']}{i}.{suffix}"] = shape
+    return shapes
+
+
+def check_tensor(reader: SafetensorsReader, expected: dict[str, tuple[int, ...]],
+                 name: str) -> _TensorInfo:
+    """The tensor's stored shape and dtype, checked against the config's declaration."""
+    info = reader.info(name)
+    where = os.path.join(reader.directory, info.filename)
+    if info.shape != expected[name]:
+        raise CheckpointError(f"weight {name!r} in {where} has shape {info.shape}, but the "
+                              f"config declares {expected[name]}")
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"weight {name!r} in {where} has dtype {info.dtype}; weights must "
+                              f"be one of {FLOAT_DTYPES}")
+    return info
+
+
+def check_finite(name: str, block: np.ndarray) -> np.ndarray:
+    """`block` unchanged, or a `CheckpointError` naming the tensor and its first bad element."""
+    finite = np.isfinite(block)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        value = block[tuple(bad)]
+        raise CheckpointError(f"weight {name!r} holds {int((~finite).sum())} non-finite "
+                              f"value(s) (first: {value} at index {tuple(int(i) for i in bad)} "
+                              "of the block read)")
+    return block
+
+
+def _np_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def _reader_fn(reader: SafetensorsReader, cfg: ModelConfig, dtype) -> Read:
+    """name -> the whole tensor in `dtype`, its shape, dtype and values checked."""
+    np_dtype, expected = _np_dtype(dtype), hf_shapes(cfg)
+
+    def read(name: str) -> np.ndarray:
+        check_tensor(reader, expected, name)
+        return check_finite(name, reader.get(name)).astype(np_dtype)
+
+    return read
 
 
 def convert_hf_weights(reader: SafetensorsReader, cfg: ModelConfig, dtype) -> Params:
     """Read every tensor the config needs and return jaxinfer's (host numpy) parameter tree."""
-    read = _reader_fn(reader, dtype)
+    read = _reader_fn(reader, cfg, dtype)
     readers = _leaf_readers(cfg)
-    params = {key: (jax.tree.map(lambda f: np.stack(list(f(read))), value) if key == "layers"
+    params = {key: ([jax.tree.map(lambda f, i=i: next(iter(f(read, [i]))), value)
+                     for i in range(cfg.n_layers)] if key == "layers"
                     else jax.tree.map(lambda f: f(read), value))
               for key, value in readers.items()}
     try:
@@ -258,15 +332,17 @@ def read_hf_shard(reader: SafetensorsReader, cfg: ModelConfig, dtype, path: tupl
     fn = _leaf_readers(cfg)
     for key in path:
         fn = fn[key]
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+    np_dtype, expected = _np_dtype(dtype), hf_shapes(cfg)
     if path[0] != "layers":
-        return _read_leaf_shard(reader, fn, index, np_dtype)
+        return _read_leaf_shard(reader, expected, fn, index, np_dtype)
     layers = range(cfg.n_layers)[index[0]]
-    return np.stack([_read_leaf_shard(reader, lambda read, i=i: next(iter(fn(read, [i]))),
+    return np.stack([_read_leaf_shard(reader, expected,
+                                      lambda read, i=i: next(iter(fn(read, [i]))),
                                       index[1:], np_dtype) for i in layers])
 
 
-def _read_leaf_shard(reader: SafetensorsReader, leaf: Callable[[Read], np.ndarray],
+def _read_leaf_shard(reader: SafetensorsReader, expected: dict[str, tuple[int, ...]],
+                     leaf: Callable[[Read], np.ndarray],
                      index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
     """``leaf(read)[index]`` reading only the HF rows the shard needs.
 
@@ -278,7 +354,7 @@ def _read_leaf_shard(reader: SafetensorsReader, leaf: Callable[[Read], np.ndarra
     def numbers(axis: int) -> Read:
         def read(name: str) -> np.ndarray:
             used.append(name)
-            shape = reader.info(name).shape
+            shape = check_tensor(reader, expected, name).shape
             ids = np.arange(shape[axis]).reshape([-1 if a == axis else 1
                                                   for a in range(len(shape))])
             return np.broadcast_to(ids, shape)
@@ -290,8 +366,9 @@ def _read_leaf_shard(reader: SafetensorsReader, leaf: Callable[[Read], np.ndarra
         return np.empty(rows.shape, dtype)
     r0 = int(rows.min())
     if len(reader.info(name).shape) == 1:
-        return reader.get_block(name, slice(r0, int(rows.max()) + 1))[rows - r0].astype(dtype)
+        block = check_finite(name, reader.get_block(name, slice(r0, int(rows.max()) + 1)))
+        return block[rows - r0].astype(dtype)
     cols = np.asarray(leaf(numbers(1))[index])
     c0 = int(cols.min())
     block = reader.get_block(name, slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
-    return block[rows - r0, cols - c0].astype(dtype)
+    return check_finite(name, block)[rows - r0, cols - c0].astype(dtype)

@@ -1,4 +1,6 @@
-"""Building blocks of the decoder as pure functions: norms, RoPE, activations, projections."""
+"""Building blocks of the decoder as pure functions: projections, norms, RoPE, activations.
+
+They are shape-agnostic: `jaxinfer.model` calls them on each chip's local shards."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.config import ModelConfig, RopeScaling
+from jaxinfer import rope
+from jaxinfer.config import ModelConfig
 from pallas_kernels import QuantizedWeight, quantized_matmul
 
 
@@ -36,10 +39,20 @@ def project(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
         return y.reshape(x.shape[:len(batch_axes)] + w.shape[n_contract:])
     if not is_projection:
         raise ValueError(f"einsum {spec!r} is not a projection a quantized weight supports")
+    if w.scale.shape[0] == 1:  # one (per-channel) group: spans this chip's rows, however many
+        w = w.replace(group_size=w.contract_size)
     if out_dtype is not None:
         x = x.astype(out_dtype)
     y = quantized_matmul(x.reshape(-1, w.contract_size), w.matrix(), backend="auto")
     return y.reshape(x.shape[:len(batch_axes)] + w.out_shape)
+
+
+def scale_normed(y: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """The normalized float32 activations y times the norm's scale (plus its bias)."""
+    y = y * (p["scale"].astype(jnp.float32) + cfg.norm_scale_offset)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y
 
 
 def norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
@@ -48,11 +61,7 @@ def norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     if cfg.norm == "layer":
         xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-    y = xf * jax.lax.rsqrt(var + cfg.norm_eps)
-    y = y * (p["scale"].astype(jnp.float32) + cfg.norm_scale_offset)
-    if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return scale_normed(xf * jax.lax.rsqrt(var + cfg.norm_eps), p, cfg).astype(x.dtype)
 
 
 def activation(x: jax.Array, kind: str) -> jax.Array:
@@ -65,71 +74,29 @@ def activation(x: jax.Array, kind: str) -> jax.Array:
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies [H/2] of rotary embeddings, with Llama-3 scaling when given."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
-    low_wavelen = scaling.original_context / scaling.low_freq_factor
-    high_wavelen = scaling.original_context / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_context / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
+Rope = tuple[jax.Array, jax.Array]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Rotate x [B, T, heads, H] by positions [B, T] (half-split 'rotate_half' convention)."""
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> Rope:
+    """cos and sin [B, T, 1, H/2] of positions [B, T]: computed once per step, used by every
+    layer's queries and keys (`jaxinfer.rope` gives the frequencies and HF's attention factor)."""
+    inv_freq = jnp.asarray(rope.inv_freq(cfg), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    factor = rope.attention_factor(cfg)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, tables: Rope) -> jax.Array:
+    """Rotate x [B, T, heads, H] by `rope_tables` (half-split 'rotate_half' convention)."""
+    cos, sin = tables
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 
 
-def project_qkv(h: jax.Array, p: dict, positions: jax.Array, cfg: ModelConfig):
-    """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], RoPE applied to q and k."""
-    q = project("btd,dnh->btnh", h, p["wq"])
-    k = project("btd,dkh->btkh", h, p["wk"])
-    v = project("btd,dkh->btkh", h, p["wv"])
-    if cfg.qkv_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
-
-
-def project_out(attn: jax.Array, p: dict) -> jax.Array:
-    """attn [B, T, N, H] -> [B, T, D]."""
-    return project("btnh,nhd->btd", attn, p["wo"])
-
-
-def feed_forward(h: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    """h [B, T, D] -> [B, T, D] through a gated (GLU) or plain two-layer FFN."""
-    up = project("btd,df->btf", h, p["w_up"])  # [B, T, F]
-    if cfg.gated_ffn:
-        gate = project("btd,df->btf", h, p["w_gate"])
-        hidden = activation(gate, cfg.activation) * up
-    else:
-        hidden = activation(up, cfg.activation)
-    return project("btf,fd->btd", hidden, p["w_down"])
-
-
-def embed(tokens: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
-    """tokens [B, T] -> [B, T, D]."""
-    x = jnp.take(params["embed"], tokens, axis=0)
-    if cfg.embed_scale:
-        # Gemma multiplies by sqrt(d_model) rounded to the activation dtype.
-        x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
-    return x
-
-
-def unembed(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
-    """x [B, T, D] -> float32 logits [B, T, V]."""
-    x = norm(x, params["final_norm"], cfg)
-    if cfg.tie_embeddings:
-        return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    return project("btd,dv->btv", x, params["unembed"], jnp.float32)
+def scale_embedding(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Gemma multiplies embeddings by sqrt(d_model) rounded to the activation dtype."""
+    return x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype) if cfg.embed_scale else x

@@ -1,20 +1,29 @@
-"""The generic decoder as pure functions over a parameter pytree.
+"""The generic decoder, written once, per chip, with the layout's collectives at fixed points.
 
-Three entry points, all jit-friendly with `cfg` and `runtime` static:
+Every function here runs inside `jax.shard_map` over the phase's mesh (`jaxinfer.programs`) and
+sees local shards; `PhaseSharding.layer` (`jaxinfer.sharding.LayerCollectives`) names the mesh
+axes of each collective, and a collective over no axes is skipped, so the unsharded model (a
+1-device mesh) runs this same code with no collective at all. The points (pope2022.md §5-§6):
 
-- `forward_logits(params, tokens)`: full-sequence logits, no cache (scoring, parity tests).
-- `prefill(params, tokens, lengths, cache)`: run right-padded prompts, fill the cache, return the
-  logits of each prompt's last token.
-- `decode_step(params, tokens, cache)`: one new token per sequence at position ``cache.lengths``.
+- embedding: each chip looks up the tokens of its vocab shard; the partial rows are
+  reduce-scattered over the vocab axes into the residual's d_model shard;
+- block input / output: all-gather / reduce-scatter of the residual over the model axes
+  (§5.1, §5.2 steps 1, 7); 2D: partial sums over x reduce-scattered into heads / d_ff and
+  all-gathered back (§5.2 steps 3, 5), norm statistics all-reduced over x;
+- batch-sharded attention: all-to-all of the queries heads -> batch and of the output back
+  (§6.2b); multiquery K/V reduce-scattered (2D) or sliced into the batch;
+- weight-gathered layouts: every weight of a layer all-gathered over the gathered axes (§5.3);
+- logits: the unembedding's partial sums reduce-scattered over x, the vocab all-gathered.
 
-The layers run as one `lax.scan` over the stacked layer weights; attention goes through the
-`pallas_kernels` dispatch point, so the same model runs the Pallas kernels or the XLA reference.
+Shapes per chip: b residual rows, e the residual's d_model shard, n / k query / KV heads.
+Entry points: `forward` (any attention: the `Attend` callback), and on it `forward_logits`,
+`prefill`, `decode_step`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,170 +31,309 @@ import jax.numpy as jnp
 import pallas_kernels
 from jaxinfer import axes as ax
 from jaxinfer import layers
+from jaxinfer import params as params_lib
+from jaxinfer import quant
 from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
-
-Constrain = Callable[[jax.Array, tuple[str, ...]], jax.Array]
+from jaxinfer.sharding import LayerCollectives, PhaseSharding
 
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How (not what) the model computes; hashable, passed as a static argument."""
+    """How (not what) the model computes; hashable, a static argument of every program."""
 
+    sharding: PhaseSharding
+    """The phase's mesh, rules and collectives (`PhaseSharding.single_device()` unsharded)."""
     attention_backend: str = "xla"
     """'auto', 'xla', 'tpu' or 'gpu' (see `pallas_kernels`); 'tpu-interpret' / 'gpu-interpret'
     run the same Pallas kernels in the interpreter on any platform (tests, debugging)."""
-    constrain: Constrain | None = None
-    """Optional sharding constraint applied to activations, given their logical axes."""
-    constrain_attention: Constrain | None = None
-    """Optional constraint inside attention (Q/K/V, attention output, KV cache); it differs from
-    `constrain` when attention is sharded over batch (`partitioning.layouts`)."""
-    layers: object | None = None
-    """Optional explicit partitioned layer stack (`partitioning.collective_layer.ShardedLayers`):
-    runs every decoder layer per chip with a layout's collectives instead of `_run_layers`."""
+    quantization: quant.QuantConfig | None = None
+    """How the projection weights are quantized (None: float weights)."""
 
-    def shard(self, x: jax.Array, names: tuple[str, ...]) -> jax.Array:
-        return x if self.constrain is None else self.constrain(x, names)
+    @property
+    def lc(self) -> LayerCollectives:
+        return self.sharding.layer
 
-    def shard_attention(self, x: jax.Array, names: tuple[str, ...]) -> jax.Array:
-        fn = self.constrain_attention or self.constrain
-        return x if fn is None else fn(x, names)
-
-    def shard_cache(self, cache: KVCache) -> KVCache:
-        """The KV cache constrained by the attention rules (keeps decode's layout in the loop)."""
-        if (self.constrain_attention or self.constrain) is None:
-            return cache
-        names = ax.KV_CACHE[1:] if cache.per_layer else ax.KV_CACHE  # per layer: no layer axis
-
-        def shard(buffers, names):
-            if cache.per_layer:
-                return tuple(self.shard_attention(b, names) for b in buffers)
-            return self.shard_attention(buffers, names)
-
-        scales = {} if cache.k_scale is None else {
-            "k_scale": shard(cache.k_scale, names[:-1]), "v_scale": shard(cache.v_scale, names[:-1])}
-        return cache.replace(k=shard(cache.k, names), v=shard(cache.v, names), **scales)
+    def weight_axes(self, cfg: ModelConfig) -> Any:
+        """Mesh axes of every dim of every weight (the parameter tree's structure)."""
+        logical = quant.param_logical_axes(cfg, self.quantization)
+        return jax.tree.map(lambda names: tuple(self.sharding.weights.mesh_axes(n) for n in names),
+                            logical, is_leaf=params_lib.is_axes)
 
 
-# attend(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], layer) -> (attn [B, T, N, H], carry)
-Attend = Callable[..., tuple[jax.Array, object]]
+# ---- collectives: each a no-op over no axes -------------------------------------------------
+def _all_gather(x, axes, axis):
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
 
 
-def _decoder_layer(x, p, positions, cfg: ModelConfig, rt: Runtime, attend, attend_carry, layer):
-    """One block, serial or parallel. x [B, T, D] -> [B, T, D]."""
-    h = layers.norm(x, p["attn_norm"], cfg)
-    q, k, v = layers.project_qkv(h, p, positions, cfg)
-    q, k, v = (rt.shard_attention(q, ax.QUERIES), rt.shard_attention(k, ax.KEYS),
-               rt.shard_attention(v, ax.KEYS))
-    attn, attend_carry = attend(q, k, v, layer, attend_carry)
-    attn = rt.shard_attention(attn, ax.QUERIES)
-    attn_out = layers.project_out(attn, p)
-    if cfg.parallel_block:
-        x = x + attn_out + layers.feed_forward(h, p, cfg)
+def _reduce_scatter(x, axes, axis):
+    return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True) if axes else x
+
+
+def _psum(x, axes):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _index(axes, sizes) -> jax.Array:
+    """Linear index of this chip over `axes` (major first), 0 for no axes."""
+    idx = jnp.int32(0)
+    for a in axes:
+        idx = idx * sizes[a] + jax.lax.axis_index(a)
+    return idx
+
+
+def _gather_weights(p, dims, gathered):
+    """Weight-gathered layouts: all-gather each stored shard over the gathered axes (§5.3)."""
+    if not gathered:
+        return p
+
+    def gather(w, dims):
+        for dim, axes in enumerate(dims):
+            take = tuple(a for a in axes if a in gathered)
+            if take:
+                if axes[len(axes) - len(take):] != take:
+                    raise ValueError(f"cannot gather mesh axes {take} out of a dim sharded "
+                                     f"{axes}: they must be its minor axes")
+                w = jax.lax.all_gather(w, take, axis=dim, tiled=True)
+        return w
+
+    return jax.tree.map(gather, p, dims, is_leaf=lambda x: isinstance(x, jax.Array))
+
+
+# ---- norms, embedding, logits -----------------------------------------------------------------
+def _norm(h, p, cfg: ModelConfig, x_axes):
+    """Norm over d_model; with d_model split over x (2D) the statistics are all-reduced there."""
+    if not x_axes:
+        return layers.norm(h, p, cfg)
+    hf = h.astype(jnp.float32)
+    if cfg.norm == "layer":
+        hf = hf - jax.lax.psum(jnp.sum(hf, -1, keepdims=True), x_axes) / cfg.d_model
+    var = jax.lax.psum(jnp.sum(jnp.square(hf), -1, keepdims=True), x_axes) / cfg.d_model
+    return layers.scale_normed(hf * jax.lax.rsqrt(var + cfg.norm_eps), p, cfg).astype(h.dtype)
+
+
+def _vocab_axes(rt: Runtime) -> tuple[str, ...]:
+    """Axes the (gathered) embedding / unembedding vocab dim is split over on this chip."""
+    return tuple(a for a in rt.sharding.weights.mesh_axes(ax.VOCAB) if a not in rt.lc.gathered)
+
+
+def _global_weights(params, rt: Runtime, dims) -> dict:
+    """Embedding, final norm and unembedding, gathered once per step (weight-gathered)."""
+    return {name: _gather_weights(params[name], dims[name], rt.lc.gathered)
+            for name in ("embed", "final_norm", "unembed") if name in params}
+
+
+def _embed(weights, tokens, cfg: ModelConfig, rt: Runtime):
+    """tokens [b, T] (this chip's residual rows) -> residual [b, T, e]."""
+    table = weights["embed"]  # [V/Mv, D/X]
+    vocab_axes = _vocab_axes(rt)
+    rows = table.shape[0]
+    local = tokens - _index(vocab_axes, rt.sharding.sizes) * rows
+    x = jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0)  # [b, T, D/X]
+    if vocab_axes:
+        x = jnp.where(((local >= 0) & (local < rows))[..., None], x, 0)
+    x = layers.scale_embedding(x, cfg)
+    return _reduce_scatter(x, vocab_axes, 2)  # [b, T, e]
+
+
+def _logits(x, weights, cfg: ModelConfig, rt: Runtime):
+    """Residual [b, T, e] -> float32 logits [b, T, V], the full vocabulary on every chip."""
+    lc = rt.lc
+    h = _norm(_all_gather(x, lc.model_axes, 2), weights["final_norm"], cfg, lc.x_axes)
+    if cfg.tie_embeddings:  # table [V/Mv, D/X]
+        part = jnp.einsum("btd,vd->btv", h, weights["embed"], preferred_element_type=jnp.float32)
     else:
-        x = x + attn_out
-        x = x + layers.feed_forward(layers.norm(x, p["ffn_norm"], cfg), p, cfg)
-    return rt.shard(x, ax.RESIDUAL), attend_carry
+        part = layers.project("btd,dv->btv", h, weights["unembed"], jnp.float32)
+    # part [b, T, V/Mv] is partial over x
+    part = _reduce_scatter(part, lc.x_axes, 2)  # [b, T, V/(Mv X)]
+    return _all_gather(part, _vocab_axes(rt) + lc.x_axes, 2)
 
 
-def _run_layers(params, x, positions, cfg, rt, attend, attend_carry):
-    """Run every layer: a Python loop over per-layer weights (`params.unstack_layers`) or a
-    `lax.scan` over stacked weights [L, ...]; returns (x, final attend carry)."""
-    if isinstance(params["layers"], list):
-        for layer, p in enumerate(params["layers"]):
-            x, attend_carry = _decoder_layer(x, p, positions, cfg, rt, attend, attend_carry, layer)
-        return x, attend_carry
-
-    def body(carry, xs):
-        x, attend_carry = carry
-        p, layer = xs
-        x, attend_carry = _decoder_layer(x, p, positions, cfg, rt, attend, attend_carry, layer)
-        return (x, attend_carry), None
-
-    layer_ids = jnp.arange(cfg.n_layers)
-    (x, attend_carry), _ = jax.lax.scan(body, (x, attend_carry), (params["layers"], layer_ids))
-    return x, attend_carry
+# ---- one decoder layer ------------------------------------------------------------------------
+def _layer(p, x, rope, attend, carry, layer, cfg: ModelConfig, rt: Runtime):
+    """One block, serial or parallel: residual x [b, T, e] -> same."""
+    lc = rt.lc
+    h = _norm(_all_gather(x, lc.model_axes, 2), p["attn_norm"], cfg, lc.x_axes)  # [b, T, E/X]
+    attn, carry = _attention(h, p, rope, attend, carry, layer, cfg, rt)
+    if cfg.parallel_block:
+        return x + _reduce_scatter(attn + _feed_forward(h, p, cfg, rt), lc.model_axes, 2), carry
+    x = x + _reduce_scatter(attn, lc.model_axes, 2)
+    h = _norm(_all_gather(x, lc.model_axes, 2), p["ffn_norm"], cfg, lc.x_axes)
+    return x + _reduce_scatter(_feed_forward(h, p, cfg, rt), lc.model_axes, 2), carry
 
 
-def _to_heads_major(x):  # [B, T, heads, H] -> [B, heads, T, H]
+def _feed_forward(h, p, cfg: ModelConfig, rt: Runtime):
+    """h [b, T, E/X] -> [b, T, E/X], partial over the model axes (§5.2 steps 2-6)."""
+    xs = rt.lc.x_axes
+    up = layers.project("btd,df->btf", h, p["w_up"])  # [b, T, F/M] partial over x
+    gate = layers.project("btd,df->btf", h, p["w_gate"]) if cfg.gated_ffn else None
+    if xs:
+        pre = up if gate is None else jnp.stack([gate, up])
+        pre = jax.lax.psum_scatter(pre, xs, scatter_dimension=pre.ndim - 1, tiled=True)
+        gate, up = (None, pre) if gate is None else (pre[0], pre[1])
+    act = layers.activation(up if gate is None else gate, cfg.activation)
+    hidden = act if gate is None else act * up
+    hidden = _all_gather(hidden, xs, 2)  # [b, T, F/M]
+    return layers.project("btf,fd->btd", hidden, p["w_down"])
+
+
+def _first_x(dtype, rt: Runtime):
+    """1 on the chips of x index 0, else 0: a bias is added once before an x reduction."""
+    xs = rt.lc.x_axes
+    return jnp.asarray(1, dtype) if not xs else \
+        (_index(xs, rt.sharding.sizes) == 0).astype(dtype)
+
+
+def _attention(h, p, rope, attend, carry, layer, cfg: ModelConfig, rt: Runtime):
+    """h [b, T, E/X] -> attention output projected, [b, T, E/X] partial over the model axes."""
+    lc = rt.lc
+    xs = lc.x_axes
+    q = layers.project("btd,dnh->btnh", h, p["wq"])  # [b, T, N/M, H] partial over x
+    k = layers.project("btd,dkh->btkh", h, p["wk"])  # [b, T, K/Mk, H] partial over x
+    v = layers.project("btd,dkh->btkh", h, p["wv"])
+    if cfg.qkv_bias:
+        one = _first_x(h.dtype, rt)
+        q, k, v = q + one * p["bq"], k + one * p["bk"], v + one * p["bv"]
+    q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)  # linear: fine on partials
+    q = _reduce_scatter(q, xs, 2)  # [b, T, n, H]
+    if lc.attention == "batch":
+        k, v = _kv_to_batch(k, rt), _kv_to_batch(v, rt)
+        q = jax.lax.all_to_all(q, lc.q_heads, 0, 2, tiled=True) if lc.q_heads else q
+    elif xs and lc.kv_heads == lc.q_heads:
+        k, v = _reduce_scatter(k, xs, 2), _reduce_scatter(v, xs, 2)
+    else:
+        k, v = _psum(k, xs), _psum(v, xs)
+    out, carry = attend(q, k, v, layer, carry)  # [b_attn, T, n_attn, H]
+    if lc.attention == "batch" and lc.q_heads:
+        out = jax.lax.all_to_all(out, lc.q_heads, 2, 0, tiled=True)  # batch -> heads
+    out = _all_gather(out, xs, 2)  # [b, T, N/M, H]
+    return layers.project("btnh,nhd->btd", out, p["wo"]), carry
+
+
+def _kv_to_batch(k, rt: Runtime):
+    """K/V [b, T, K, H] (partial over x) -> this chip's attention rows (§6.2b, §6.5)."""
+    lc, sizes = rt.lc, rt.sharding.sizes
+    m, xs = rt.sharding.size(lc.model_axes), lc.x_axes
+    if xs:  # rows ordered (model axes, x): reduce-scatter over x, then keep our model block
+        b = k.shape[0]
+        k = k.reshape((m, rt.sharding.size(xs), b // (m * rt.sharding.size(xs))) + k.shape[1:])
+        k = jax.lax.psum_scatter(k, xs, scatter_dimension=1, tiled=True)[:, 0]
+        return jnp.take(k, _index(lc.model_axes, sizes), axis=0)
+    rows = k.shape[0] // m
+    return jax.lax.dynamic_slice_in_dim(k, _index(lc.model_axes, sizes) * rows, rows, axis=0)
+
+
+def row_ids(b: int, rt: Runtime) -> jax.Array:
+    """Global batch index of each of this chip's b residual rows."""
+    return _index(rt.lc.gathered, rt.sharding.sizes) * b + jnp.arange(b)
+
+
+def attention_rows(per_row: jax.Array, rt: Runtime) -> jax.Array:
+    """Values of this chip's residual rows [b, ...] -> those of its attention rows."""
+    lc = rt.lc
+    if lc.attention != "batch" or not lc.q_heads:
+        return per_row
+    rows = per_row.shape[0] // rt.sharding.size(lc.q_heads)
+    return jax.lax.dynamic_slice_in_dim(per_row, _index(lc.q_heads, rt.sharding.sizes) * rows,
+                                        rows, axis=0)
+
+
+def kv_heads_for_queries(k_local: int, n_local: int, cfg: ModelConfig, rt: Runtime):
+    """Selector of the KV heads (axis 1 of [b, k_local, ...]) this chip's query heads read."""
+    lc, sizes = rt.lc, rt.sharding.sizes
+    if lc.attention == "batch":
+        return lambda t: t
+    group = cfg.n_heads // cfg.n_kv_heads
+    need = max(n_local // group, 1)
+    if need == k_local:
+        return lambda t: t
+    offset = (_index(lc.q_heads, sizes) * n_local) // group - _index(lc.kv_heads, sizes) * k_local
+    return lambda t: jax.lax.dynamic_slice_in_dim(t, offset, need, axis=1)
+
+
+def _heads_major(x):  # [b, T, heads, H] <-> [b, heads, T, H]
     return jnp.swapaxes(x, 1, 2)
 
 
-def _self_attention(rt: Runtime, lengths):
-    """Attention of a prompt chunk to itself; collects each layer's K/V into [L, B, K, T, H]."""
+def _run_layers(params, x, rope, attend, carry, cfg: ModelConfig, rt: Runtime, dims):
+    for i, p in enumerate(params["layers"]):
+        p = _gather_weights(p, dims["layers"][i], rt.lc.gathered)
+        x, carry = _layer(p, x, rope, attend, carry, i, cfg, rt)
+    return x, carry
+
+
+def _self_attention(lengths, cfg: ModelConfig, rt: Runtime):
+    """Attention of a prompt to itself; collects each layer's keys/values [b, k, T, H]."""
 
     def attend(q, k, v, layer, kv):
-        out = pallas_kernels.flash_attention(
-            _to_heads_major(q), _to_heads_major(k), _to_heads_major(v), causal=True,
-            lengths=lengths, backend=rt.attention_backend)
-        if kv is not None:
-            kv = (kv[0].at[layer].set(_to_heads_major(k)), kv[1].at[layer].set(_to_heads_major(v)))
-        return _to_heads_major(out), kv
+        kh, vh = _heads_major(k), _heads_major(v)
+        sel = kv_heads_for_queries(kh.shape[1], q.shape[2], cfg, rt)
+        out = pallas_kernels.flash_attention(_heads_major(q), sel(kh), sel(vh), causal=True,
+                                             lengths=lengths, backend=rt.attention_backend)
+        return _heads_major(out), kv + ((kh, vh),)
 
     return attend
 
 
-def _embed(params, tokens, cfg, rt):
-    return rt.shard(layers.embed(tokens, params, cfg), ax.RESIDUAL)
+# ---- entry points (per chip) -------------------------------------------------------------------
+Attend = Callable[..., tuple[jax.Array, Any]]
+"""attend(q [b_a, T, n, H], k, v [b_a, T, k, H], layer, carry) -> (out [b_a, T, n, H], carry):
+the attention of one layer on this chip's attention rows (b_a; RoPE applied), threading a carry
+(a KV cache, collected keys/values, ...) through the layers."""
 
 
-def forward_logits(params, tokens: jax.Array, cfg: ModelConfig, rt: Runtime = Runtime()):
-    """tokens [B, T] -> float32 logits [B, T, V] (causal, no cache)."""
+def forward(params, tokens, positions, attend: Attend, carry, cfg: ModelConfig, rt: Runtime,
+            last: jax.Array | None = None):
+    """tokens [b, T] at positions [b, T] through the decoder -> (float32 logits, carry): logits
+    [b, T, V] for every position, or [b, V] of position `last` [b] of each row only."""
+    dims = rt.weight_axes(cfg)
+    weights = _global_weights(params, rt, dims)
+    x = _embed(weights, tokens, cfg, rt)
+    x, carry = _run_layers(params, x, layers.rope_tables(positions, cfg), attend, carry, cfg,
+                           rt, dims)
+    if last is None:
+        return _logits(x, weights, cfg, rt), carry
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, e]
+    return _logits(x, weights, cfg, rt)[:, 0], carry
+
+
+def _prompt_positions(tokens):
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = _embed(params, tokens, cfg, rt)
-    if rt.layers is not None:
-        x, _ = rt.layers.prefill(params["layers"], x, positions, None, None)
-    else:
-        x, _ = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, None), None)
-    return rt.shard(layers.unembed(x, params, cfg), ax.LOGITS)
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
-def prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, cfg: ModelConfig,
-            rt: Runtime = Runtime()):
-    """Right-padded prompts tokens [B, T] with valid lengths [B] -> (last-token logits [B, V], cache).
-
-    Writes positions [0, T) of the cache; entries at or past lengths[b] are padding and stay
-    invisible because every later read is masked by ``cache.lengths``.
-    """
-    b, t = tokens.shape
-    if t > cache.max_len:
-        raise ValueError(f"prompt bucket of {t} tokens does not fit a cache of {cache.max_len}")
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = _embed(params, tokens, cfg, rt)
-    kv_shape = (cfg.n_layers, b, cfg.n_kv_heads, t, cfg.head_dim)
-    kv_dtype = x.dtype if cache.quantized else cache.k.dtype  # an int8 cache quantizes on write
-    kv = (jnp.zeros(kv_shape, kv_dtype), jnp.zeros(kv_shape, kv_dtype))
-    if rt.layers is not None:
-        x, (ks, vs) = rt.layers.prefill(params["layers"], x, positions, lengths, kv)
-    else:
-        x, (ks, vs) = _run_layers(params, x, positions, cfg, rt, _self_attention(rt, lengths), kv)
-    cache = cache.write_prefill(ks, vs, lengths)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return layers.unembed(last, params, cfg)[:, 0], cache
+def forward_logits(params, tokens, cfg: ModelConfig, rt: Runtime):
+    """tokens [b, T] -> float32 logits [b, T, V] (causal, no cache)."""
+    attend = _self_attention(None, cfg, rt)
+    return forward(params, tokens, _prompt_positions(tokens), attend, (), cfg, rt)[0]
 
 
-def decode_step(params, tokens: jax.Array, cache: KVCache, cfg: ModelConfig,
-                rt: Runtime = Runtime()):
-    """One token per sequence, tokens [B], at positions cache.lengths -> (logits [B, V], cache).
+def prefill(params, tokens, lengths, cfg: ModelConfig, rt: Runtime, cache_dtype):
+    """Right-padded prompts tokens [b, T], valid lengths [b] -> (last-token logits [b, V],
+    a `KVCache` of exactly the prompt bucket, T positions, in its attention rows)."""
+    attend = _self_attention(attention_rows(lengths, rt), cfg, rt)
+    logits, kv = forward(params, tokens, _prompt_positions(tokens), attend, (), cfg, rt,
+                         last=lengths - 1)
+    cache = KVCache.from_prompt(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths,
+                                quantized=jnp.dtype(cache_dtype) == jnp.int8, dtype=cache_dtype)
+    return logits, cache
 
-    The returned cache holds the new token's K/V and lengths + 1.
-    """
-    positions = cache.lengths[:, None]  # [B, 1]
-    x = _embed(params, tokens[:, None], cfg, rt)
+
+def decode_step(params, tokens, cache: KVCache, cfg: ModelConfig, rt: Runtime):
+    """One token per sequence, tokens [b], at positions cache.lengths -> (logits [b, V], cache
+    holding the new token's K/V, lengths unchanged: the caller advances them)."""
+    positions = attention_rows(cache.lengths, rt)  # [b_attn]
 
     def attend(q, k, v, layer, cache):
-        cache = rt.shard_cache(cache.write_token(layer, k[:, 0], v[:, 0]))
-        out = pallas_kernels.decode_attention(
-            q[:, 0], cache.k[layer], cache.v[layer], cache.lengths + 1,
-            k_scale=None if cache.k_scale is None else cache.k_scale[layer],
-            v_scale=None if cache.v_scale is None else cache.v_scale[layer],
-            backend=rt.attention_backend)  # [B, N, H]
+        cache = cache.write_token(layer, k[:, 0], v[:, 0], positions)
+        sel = kv_heads_for_queries(cache.k[layer].shape[1], q.shape[2], cfg, rt)
+        scales = {} if not cache.quantized else {"k_scale": sel(cache.k_scale[layer]),
+                                                 "v_scale": sel(cache.v_scale[layer])}
+        out = pallas_kernels.decode_attention(q[:, 0], sel(cache.k[layer]), sel(cache.v[layer]),
+                                              positions + 1, backend=rt.attention_backend,
+                                              **scales)  # [b_attn, n, H]
         return out[:, None], cache
 
-    if rt.layers is not None:
-        x, cache = rt.layers.decode(params["layers"], x, positions, cache)
-    else:
-        x, cache = _run_layers(params, x, positions, cfg, rt, attend, cache)
-    logits = layers.unembed(x, params, cfg)[:, 0]
-    return logits, cache.replace(lengths=cache.lengths + 1)
+    logits, cache = forward(params, tokens[:, None], cache.lengths[:, None], attend, cache, cfg,
+                            rt, last=jnp.zeros_like(cache.lengths))
+    return logits, cache

@@ -4,7 +4,9 @@
 random initialisation (`init_params`), the logical axes that partitioning maps onto a mesh
 (`param_axes`) and the checks that loaded checkpoints have the right shapes (`check_params`).
 
-Layer weights are stacked along a leading ``layers`` axis so the decoder runs as one `lax.scan`.
+Layers are a list of per-layer weight dicts: every layer's weights are their own buffers, read in
+place by the (unrolled) layer loop; the KV cache is split per layer the same way
+(`jaxinfer.cache`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class ParamSpec:
     fan_in: int = 1
     """Input width used to scale 'normal' initialisation."""
     contract: int = 0
-    """Axes (after a leading ``layers`` axis) a projection contracts over; 0: not a projection
+    """Leading axes a projection contracts over; 0: not a projection
     (never quantized). See `jaxinfer.quant`."""
 
     def __post_init__(self):
@@ -50,57 +52,56 @@ class ParamSpec:
         return (std * jax.random.normal(key, self.shape, jnp.float32)).astype(dtype)
 
 
-def _norm_specs(cfg: ModelConfig, leading: tuple[int, ...], leading_axes: tuple[str, ...]):
+def _norm_specs(cfg: ModelConfig):
     # With Gemma's (1 + w) convention the neutral scale is 0, so initialise at zero.
     scale_init = "zeros" if cfg.norm_scale_offset else "ones"
-    specs = {"scale": ParamSpec(leading + (cfg.d_model,), leading_axes + (ax.EMBED,), scale_init)}
+    specs = {"scale": ParamSpec((cfg.d_model,), (ax.EMBED,), scale_init)}
     if cfg.norm == "layer":
-        specs["bias"] = ParamSpec(leading + (cfg.d_model,), leading_axes + (ax.EMBED,), "zeros")
+        specs["bias"] = ParamSpec((cfg.d_model,), (ax.EMBED,), "zeros")
     return specs
 
 
 def _attention_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    L, D, N, K, H = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     specs = {
-        "wq": ParamSpec((L, D, N, H), (ax.LAYERS, ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), fan_in=D,
-                        contract=1),
-        "wk": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D,
-                        contract=1),
-        "wv": ParamSpec((L, D, K, H), (ax.LAYERS, ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D,
-                        contract=1),
-        "wo": ParamSpec((L, N, H, D), (ax.LAYERS, ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), fan_in=N * H,
-                        contract=2),
+        "wq": ParamSpec((D, N, H), (ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), fan_in=D, contract=1),
+        "wk": ParamSpec((D, K, H), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D, contract=1),
+        "wv": ParamSpec((D, K, H), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), fan_in=D, contract=1),
+        "wo": ParamSpec((N, H, D), (ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), fan_in=N * H, contract=2),
     }
     if cfg.qkv_bias:
-        specs["bq"] = ParamSpec((L, N, H), (ax.LAYERS, ax.Q_HEADS, ax.HEAD_DIM), "zeros")
-        specs["bk"] = ParamSpec((L, K, H), (ax.LAYERS, ax.KV_HEADS, ax.HEAD_DIM), "zeros")
-        specs["bv"] = ParamSpec((L, K, H), (ax.LAYERS, ax.KV_HEADS, ax.HEAD_DIM), "zeros")
+        specs["bq"] = ParamSpec((N, H), (ax.Q_HEADS, ax.HEAD_DIM), "zeros")
+        specs["bk"] = ParamSpec((K, H), (ax.KV_HEADS, ax.HEAD_DIM), "zeros")
+        specs["bv"] = ParamSpec((K, H), (ax.KV_HEADS, ax.HEAD_DIM), "zeros")
     return specs
 
 
 def _ffn_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
+    D, F = cfg.d_model, cfg.d_ff
     specs = {
-        "w_up": ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D, contract=1),
-        "w_down": ParamSpec((L, F, D), (ax.LAYERS, ax.MLP, ax.EMBED), fan_in=F, contract=1),
+        "w_up": ParamSpec((D, F), (ax.EMBED, ax.MLP), fan_in=D, contract=1),
+        "w_down": ParamSpec((F, D), (ax.MLP, ax.EMBED), fan_in=F, contract=1),
     }
     if cfg.gated_ffn:
-        specs["w_gate"] = ParamSpec((L, D, F), (ax.LAYERS, ax.EMBED, ax.MLP), fan_in=D,
-                                     contract=1)
+        specs["w_gate"] = ParamSpec((D, F), (ax.EMBED, ax.MLP), fan_in=D, contract=1)
     return specs
 
 
-def param_specs(cfg: ModelConfig) -> Params:
-    """The declaration of every weight of `cfg`, as a nested dict of `ParamSpec`."""
-    layer_lead, layer_axes = (cfg.n_layers,), (ax.LAYERS,)
-    layers = {"attn_norm": _norm_specs(cfg, layer_lead, layer_axes),
-              **_attention_specs(cfg), **_ffn_specs(cfg)}
+def layer_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The declaration of one decoder layer's weights."""
+    layer = {"attn_norm": _norm_specs(cfg), **_attention_specs(cfg), **_ffn_specs(cfg)}
     if not cfg.parallel_block:
-        layers["ffn_norm"] = _norm_specs(cfg, layer_lead, layer_axes)
+        layer["ffn_norm"] = _norm_specs(cfg)
+    return layer
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The declaration of every weight of `cfg`, as a nested dict of `ParamSpec`; ``layers`` is
+    a list of `n_layers` per-layer dicts (each layer's weights are separate buffers)."""
     specs = {
         "embed": ParamSpec((cfg.vocab_size, cfg.d_model), (ax.VOCAB, ax.EMBED), fan_in=1),
-        "layers": layers,
-        "final_norm": _norm_specs(cfg, (), ()),
+        "layers": [layer_specs(cfg) for _ in range(cfg.n_layers)],
+        "final_norm": _norm_specs(cfg),
     }
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB),
@@ -108,19 +109,24 @@ def param_specs(cfg: ModelConfig) -> Params:
     return specs
 
 
-def quantized_axes(spec: ParamSpec) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+def quantized_axes(spec: ParamSpec, grouped: bool
+                   ) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
     """Logical axes of a quantized projection's (data, scale), so it shards like its float twin.
 
     The contraction axes are flattened into one, named after the first of them (its row blocks are
-    the float twin's shards along that axis); the scales' group axis is never sharded (None); any
-    ``layers`` axis and the output axes keep their names.
+    the float twin's shards along that axis); the output axes keep their names. The scales' group
+    axis shards like the contraction when there are several groups (`grouped`: each chip keeps
+    the scales of its rows), and is replicated for a single (per-channel) group.
     """
     if not spec.contract:
         raise ValueError(f"a weight with axes {spec.axes} is not a projection; it is not quantized")
-    lead = 1 if spec.axes[0] == ax.LAYERS else 0
-    head, contract, out = spec.axes[:lead], spec.axes[lead:lead + spec.contract], \
-        spec.axes[lead + spec.contract:]
-    return head + (contract[0],) + out, head + (None,) + out
+    contract, out = spec.axes[:spec.contract], spec.axes[spec.contract:]
+    return (contract[0],) + out, ((contract[0] if grouped else None),) + out
+
+
+def is_axes(x) -> bool:
+    """Whether x is one leaf of a logical-axes tree: a tuple of axis names (None = unnamed)."""
+    return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
 
 
 def _is_spec(x) -> bool:
@@ -170,30 +176,3 @@ def check_params(cfg: ModelConfig, params: Params) -> None:
 def param_bytes(params: Params) -> int:
     """Bytes held by all parameter arrays (quantized leaves count their own storage)."""
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
-
-
-def unstack_layers(params: Params) -> Params:
-    """Stacked layer weights [L, ...] -> ``params["layers"]`` as a list of L per-layer trees.
-
-    The unrolled layout gives every layer its own buffers, so a decode step reads each weight once
-    in place; slicing a stacked weight inside a layer scan copies it first on XLA:CPU.
-    """
-    layers = params["layers"]
-    if isinstance(layers, list):
-        return params
-    leaves, treedef = jax.tree.flatten(layers)
-    per_leaf = []
-    for i in range(len(leaves)):
-        per_leaf.append(list(leaves[i]))  # L arrays of the leaf's per-layer shape
-        leaves[i] = None  # drop the stacked copy as soon as it is split
-    n_layers = len(per_leaf[0])
-    per_layer = [jax.tree.unflatten(treedef, [leaf[l] for leaf in per_leaf]) for l in range(n_layers)]
-    return {**params, "layers": per_layer}
-
-
-def stack_layers(params: Params) -> Params:
-    """Inverse of `unstack_layers`: the canonical stacked layout (checkpoints, `param_specs`)."""
-    layers = params["layers"]
-    if not isinstance(layers, list):
-        return params
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.params import (Params, ParamSpec, abstract_params, param_specs, quantized_axes,
-                             stack_layers)
+from jaxinfer.params import (Params, ParamSpec, abstract_params, param_axes, param_specs,
+                             quantized_axes)
 from pallas_kernels import QuantizedWeight, quantize_weights
 from pallas_kernels.quantize import resolve_group_size
 
@@ -76,37 +76,35 @@ def is_quantized(params: Params) -> bool:
     return any(_is_quantized_leaf(x) for x in jax.tree.leaves(params, is_leaf=_is_quantized_leaf))
 
 
-def _lead(spec: ParamSpec) -> int:
-    return 1 if spec.axes[0] == "layers" else 0
+def _contract_size(spec: ParamSpec) -> int:
+    contract = 1
+    for n in spec.shape[:spec.contract]:
+        contract *= n
+    return contract
 
 
 def _group_size(spec: ParamSpec, qc: QuantConfig) -> int:
-    lead = _lead(spec)
-    contract = 1
-    for n in spec.shape[lead:lead + spec.contract]:
-        contract *= n
-    return resolve_group_size(qc.bits, qc.group_size, contract)
+    return resolve_group_size(qc.bits, qc.group_size, _contract_size(spec))
 
 
 @functools.lru_cache(maxsize=None)
-def _quantizer(bits: int, group_size: int | None, contract_ndim: int, stacked: bool):
-    """A jitted `quantize_weights` (vmapped over a leading layers axis when stacked)."""
-    fn = functools.partial(quantize_weights, bits=bits, group_size=group_size,
-                           contract_ndim=contract_ndim)
-    return jax.jit(jax.vmap(fn) if stacked else fn)
+def _quantizer(bits: int, group_size: int | None, contract_ndim: int):
+    """A jitted `quantize_weights`."""
+    return jax.jit(functools.partial(quantize_weights, bits=bits, group_size=group_size,
+                                     contract_ndim=contract_ndim))
 
 
 def _quantize_leaf(path, spec: ParamSpec, w, qc: QuantConfig):
     if not spec.contract:
         return w
     try:
-        return _quantizer(qc.bits, qc.group_size, spec.contract, bool(_lead(spec)))(w)
+        return _quantizer(qc.bits, qc.group_size, spec.contract)(w)
     except ValueError as err:
         raise ValueError(f"cannot quantize {jax.tree_util.keystr(path)}: {err}") from None
 
 
 def quantize_params(params: Params, cfg: ModelConfig, qc: QuantConfig) -> Params:
-    """Float parameters (stacked or per-layer) -> the stacked tree with projections quantized."""
+    """Float parameters -> the same tree with its projections quantized."""
     if is_quantized(params):
         raise ValueError("the model is already quantized; load the float checkpoint to quantize "
                          "it differently")
@@ -120,7 +118,7 @@ def quantize_params(params: Params, cfg: ModelConfig, qc: QuantConfig) -> Params
                 raise ValueError(f"cannot quantize {jax.tree_util.keystr(path)}: {err}") from None
     return jax.tree_util.tree_map_with_path(
         lambda path, spec, w: _quantize_leaf(path, spec, w, qc), param_specs(cfg),
-        stack_layers(params), is_leaf=lambda x: isinstance(x, ParamSpec))
+        params, is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 def abstract_quantized_params(cfg: ModelConfig, qc: QuantConfig, dtype=jnp.float32) -> Params:
@@ -134,8 +132,13 @@ def quantized_param_axes(cfg: ModelConfig, qc: QuantConfig) -> Params:
     def axes(spec: ParamSpec):
         if not spec.contract:
             return spec.axes
-        data_axes, scale_axes = quantized_axes(spec)
-        return QuantizedWeight(data=data_axes, scale=scale_axes, bits=qc.bits,
-                               group_size=_group_size(spec, qc))
+        group = _group_size(spec, qc)
+        data_axes, scale_axes = quantized_axes(spec, grouped=group < _contract_size(spec))
+        return QuantizedWeight(data=data_axes, scale=scale_axes, bits=qc.bits, group_size=group)
 
     return jax.tree.map(axes, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def param_logical_axes(cfg: ModelConfig, qc: QuantConfig | None) -> Params:
+    """Logical axes of every array of the float (qc None) or quantized parameter tree."""
+    return param_axes(cfg) if qc is None else quantized_param_axes(cfg, qc)

@@ -11,6 +11,8 @@ by the Pallas HLO interpreter on any platform, so a model can be told through it
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 
 BACKENDS = ("auto", "tpu", "gpu", "xla")
@@ -19,6 +21,21 @@ INTERPRET_BACKENDS = ("tpu-interpret", "gpu-interpret")
 
 class UnsupportedInput(ValueError):
     """A kernel cannot take these shapes or dtypes; backend "auto" then uses the XLA twin."""
+
+
+class KernelFallbackWarning(UserWarning):
+    """Backend "auto" ran the XLA twin because the platform's kernel cannot take the inputs."""
+
+
+_REPORTED: set[str] = set()
+
+
+def report_fallback(kernel: str, backend: str, reason: Exception) -> None:
+    """Warn, once per distinct kernel / backend / reason, that "auto" chose the XLA twin."""
+    message = f"{kernel}: the {backend} kernel cannot run these inputs ({reason}); using XLA"
+    if message not in _REPORTED:
+        _REPORTED.add(message)
+        warnings.warn(message, KernelFallbackWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._dispatch import UnsupportedInput, resolve_attention_backend
+from pallas_kernels._dispatch import UnsupportedInput, report_fallback, resolve_attention_backend
 from pallas_kernels.attention_ref import (decode_attention_ref, default_sm_scale,
                                           flash_attention_ref)
 from pallas_kernels.decode_attention_gpu import decode_attention_gpu
@@ -51,9 +51,10 @@ def _run_kernel(kernels: dict, requested: str, backend: str, reference, *args, *
         return reference()
     try:
         return kernels[backend](*args, **kwargs)
-    except UnsupportedInput:
+    except UnsupportedInput as err:
         if requested != "auto":
             raise
+        report_fallback(kernels[backend].__name__, backend, err)
         return reference()
 
 

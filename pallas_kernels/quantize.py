@@ -12,9 +12,6 @@ are, so the output axes keep their logical names and shard like the float twin:
   row gG + G/2 + r in its high nibble, so a group is two contiguous half-groups of rows and a kernel
   unpacks one group with two shifts, whatever the number of groups (odd counts included).
 
-Stacked weights [L, *C, *O] are quantized with `jax.vmap`; a `QuantizedWeight` then carries the
-leading axes on both arrays, and `lax.scan` / per-layer slicing yields per-layer `QuantizedWeight`s.
-
 `quantized_matmul_ref` is the XLA path (the CPU backend). Weight-only dequantize-then-dot is three
 times slower than a float dot on XLA:CPU (the dequantized weight is materialized), while its int8 x
 int8 -> int32 dot is faster than the float one. So the reference splits the activations into two

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._dispatch import resolve_backend
+from pallas_kernels._dispatch import report_fallback, resolve_backend
 from pallas_kernels.quantize import (QuantizedWeight, check_matmul_args, quantized_matmul_ref,
                                      unpack_int4)
 
@@ -202,7 +202,8 @@ def quantized_matmul(x: jax.Array, qw: QuantizedWeight, *, backend: str = "auto"
         return quantized_matmul_ref(x, qw)
     try:
         return _kernel_matmul(x, qw, backend, interpret)
-    except UnsupportedShape:
+    except UnsupportedShape as err:
         if requested != "auto":
             raise
+        report_fallback("quantized_matmul", backend, err)
         return quantized_matmul_ref(x, qw)

@@ -1,36 +1,30 @@
-"""HLO audit: the collectives XLA actually compiled for a step vs the cost model's prediction.
+"""HLO audit: the collectives a compiled step sends vs what the cost model priced.
 
 `parse_collectives` reads `compiled.as_text()` and returns every all-gather, reduce-scatter,
-all-reduce and all-to-all (sync or async ``-start`` form) with its per-chip bytes under the
-convention of `partitioning.plan` (pope2022.md §4.3, exact (K-1)/K): all-gather output bytes,
-reduce-scatter input bytes, all-reduce 2x bytes, all-to-all bytes, each times (K-1)/K for a group
-of K chips. A collective inside a `while` body is counted once per iteration: the layer scan's loop
-carries its trip count (XLA's ``known_trip_count``, else the bound of the loop condition).
+all-reduce, all-to-all and collective-permute (sync or async ``-start`` form) with its per-chip
+bytes under the convention of `partitioning.plan` (pope2022.md App. A.1, exact (K-1)/K):
+all-gather output bytes, reduce-scatter input bytes, all-reduce 2x bytes, all-to-all bytes, each
+times (K-1)/K for a group of K chips; a collective-permute its bytes. A collective inside a
+`while` body is counted once per iteration (XLA's ``known_trip_count``, else the bound of the
+loop condition).
 
-`audit_step` compiles one prefill or decode step of a model under a phase plan (layers as one
-`lax.scan`), takes the collectives inside the layer loop, divides by the number of layers and
-compares them per kind with `cost_model.layer_collectives` (§13.2 of the reference: HLO = formula).
+`audit_hlo` compares the whole step's bytes per kind with `cost_model.step_collectives`: the
+HLO comes from `jaxinfer.Model.compiled_hlo` (or `jaxinfer.api.compiled_hlo` for a model that is
+never materialized) — exactly the program `generate` runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Any, Iterable
 
-import jax
-import jax.numpy as jnp
-
-from jaxinfer import model as model_lib
-from jaxinfer import params as params_lib
-from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
-from partitioning.cost_model import Collective, Workload, layer_collectives
+from partitioning.cost_model import Workload, step_collectives
 from partitioning.plan import PhasePlan
 
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "s4": 0.5, "u4": 0.5,
                 "f8e4m3fn": 1, "f8e5m2": 1}
@@ -48,7 +42,7 @@ class HloCollective:
     """One collective instruction of the compiled program."""
 
     kind: str
-    """'all-gather', 'reduce-scatter', 'all-reduce' or 'all-to-all'."""
+    """One of `KINDS`."""
     group: int
     """K: chips per replica group."""
     payload_bytes: float
@@ -62,7 +56,10 @@ class HloCollective:
 
     @property
     def bytes_per_chip(self) -> float:
-        """Bytes one chip sends per execution (pope2022.md §4.3, exact (K-1)/K)."""
+        """Bytes one chip sends per execution (pope2022.md §4.3, exact (K-1)/K; a
+        collective-permute sends its whole operand)."""
+        if self.kind == "collective-permute":
+            return self.payload_bytes
         factor = 2.0 if self.kind == "all-reduce" else 1.0
         return factor * self.payload_bytes * (self.group - 1) / self.group
 
@@ -76,6 +73,8 @@ def _array_bytes(text: str) -> float:
 
 
 def _payload(kind: str, out_bytes: float, group: int, is_start: bool) -> float:
+    if kind == "collective-permute":  # an async -start returns (operand, output, ...)
+        return out_bytes / 2 if is_start else out_bytes
     """Per-chip convention bytes from the result shape (compiled HLO names operands without
     shapes): all-gather output; reduce-scatter input = K x output; all-reduce and all-to-all
     operand = output. An async all-gather-start returns (operand, output): output = K/(K+1)."""
@@ -87,6 +86,8 @@ def _payload(kind: str, out_bytes: float, group: int, is_start: bool) -> float:
 
 
 def _group_size(attrs: str, n_devices: int | None) -> int:
+    if "source_target_pairs=" in attrs:  # collective-permute: bytes are counted as they are
+        return 2
     mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
     if mesh:  # mesh['axis_0'=4,'axis_1'=2], device_ids=(...) {'axis_0'}
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
@@ -182,70 +183,24 @@ def parse_collectives(hlo: str, n_devices: int | None = None) -> list[HloCollect
     return found
 
 
-def bytes_by_kind(collectives: Iterable, loop_only: bool = False) -> dict[str, float]:
-    """Per-chip bytes per collective kind, summed over executions (HloCollective) or once each
-    (`cost_model.Collective`)."""
+def bytes_by_kind(collectives: Iterable[HloCollective]) -> dict[str, float]:
+    """Per-chip bytes per collective kind, summed over executions."""
     out = {k: 0.0 for k in KINDS}
     for c in collectives:
-        if loop_only and not c.in_loop:
-            continue
-        out[c.kind] += c.bytes_per_chip * getattr(c, "executions", 1)
+        out[c.kind] += c.bytes_per_chip * c.executions
     return out
-
-
-def unmodelled_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Collective]:
-    """Per-layer collectives of `partitioning.collective_layer` that the cost model leaves out:
-    the norm statistics all-reduced over x when d_model is split there (2d-ws: the paper's `E_x`
-    activations, §5.2; §7.2 on Korthikanti et al.'s choice), and in weight-gathered layouts the
-    all-gather of the layer's vector weights (norm scales, biases; §5.3 gathers every weight)."""
-    from partitioning.layouts import resolve
-
-    lay = resolve(plan, cfg)
-    out: list[Collective] = []
-    x = lay.live(lay.x_axes)
-    if x:
-        norms = 1 if cfg.parallel_block else 2
-        stats = 2 if cfg.norm == "layer" else 1
-        for _ in range(norms * stats):
-            out.append(Collective("all-reduce", x, lay.size(x), wl.batch * wl.tokens, 4.0,
-                                  "norm statistics"))
-    gathered = set(lay.live(lay.gathered))
-    if gathered:
-        rules = lay.weight_rules()
-        specs = params_lib.param_specs(cfg)["layers"]
-        for name, spec in _vector_specs(specs):
-            dims = [rules.mesh_axes(a) for a in spec.axes[1:]]
-            take = [a for d in dims for a in d if a in gathered]
-            if take:
-                kept = lay.size(tuple(a for d in dims for a in d if a not in gathered))
-                out.append(Collective("all-gather", tuple(take), lay.size(tuple(take)),
-                                      math.prod(spec.shape[1:]) / kept, wl.weight_bytes, name))
-    return out
-
-
-def _vector_specs(specs) -> list[tuple[str, Any]]:
-    """Layer weights that are not projections (norm scales and biases), with dotted names."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        specs, is_leaf=lambda s: isinstance(s, params_lib.ParamSpec))[0]
-    return [(jax.tree_util.keystr(path), spec) for path, spec in flat if not spec.contract]
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditResult:
-    """Measured (HLO) vs predicted per-chip bytes of one decoder layer, per collective kind."""
+    """Measured (HLO) vs priced per-chip bytes of one whole step, per collective kind."""
 
     plan: PhasePlan
     """The audited phase plan."""
-    dtype: str
-    """Weight and activation dtype of the compiled step."""
     measured: dict[str, float]
-    """Bytes per chip per layer in the compiled HLO (collectives inside the layer loop / L)."""
+    """Bytes per chip per step in the compiled HLO."""
     predicted: dict[str, float]
-    """Bytes per chip per layer: `cost_model.layer_collectives` plus `unmodelled`."""
-    unmodelled: dict[str, float]
-    """Part of `predicted` that the cost model leaves out (`unmodelled_collectives`)."""
-    outside_loop: dict[str, float]
-    """Bytes per chip outside the layer loop (embedding, logits): reported, not audited."""
+    """Bytes per chip per step priced by `cost_model.step_collectives`."""
 
     def ratios(self) -> dict[str, float | None]:
         """measured / predicted per kind; 1.0 when both are zero, None when only one is."""
@@ -254,75 +209,34 @@ class AuditResult:
                 for k in KINDS}
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per kind: measured, predicted, unmodelled bytes and the ratio."""
+        """One row per kind: measured and predicted bytes and their ratio."""
         return [{"kind": k, "measured_bytes": self.measured[k],
-                 "predicted_bytes": self.predicted[k], "unmodelled_bytes": self.unmodelled[k],
-                 "ratio": r} for k, r in self.ratios().items()]
+                 "predicted_bytes": self.predicted[k], "ratio": r}
+                for k, r in self.ratios().items()]
 
 
-def audit_step(cfg: ModelConfig, plan: PhasePlan, batch: int, context: int,
-               prompt_len: int | None = None, dtype=jnp.float32) -> AuditResult:
-    """Compile one step of `plan.phase` for `cfg` (random weights are never materialised: the
-    step is lowered from shapes) on `plan.mesh` devices and audit its layer collectives.
+def priced_bytes(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> dict[str, float]:
+    """Per-chip bytes of the whole step per kind, as the cost model prices them."""
+    out = {k: 0.0 for k in KINDS}
+    for c in step_collectives(cfg, plan, wl):
+        out[c.kind] += c.count * c.bytes_per_chip
+    return out
 
-    prefill processes `prompt_len` tokens (default `context`); decode one token per sequence with
-    a cache of `context` positions. Needs plan.mesh.n devices (CPU: the XLA flag
-    --xla_force_host_platform_device_count).
-    """
-    from partitioning.mesh import make_mesh
-    from partitioning.plan import Plan
-    from partitioning.sharding import Placement
 
-    if jax.device_count() < plan.mesh.n:
-        raise AuditError(f"mesh {plan.mesh} needs {plan.mesh.n} devices, {jax.device_count()} "
-                         "available (on CPU set XLA_FLAGS=--xla_force_host_platform_device_"
-                         f"count={plan.mesh.n})")
-    tokens = (prompt_len or context) if plan.phase == "prefill" else 1
-    if tokens > context:
-        raise AuditError(f"prompt of {tokens} tokens does not fit a context of {context}")
-    twin = {"prefill": "decode", "decode": "prefill"}[plan.phase]
-    phases = {plan.phase: plan, twin: dataclasses.replace(plan, phase=twin)}
-    placement = Placement(Plan(phases["prefill"], phases["decode"]), cfg,
-                          make_mesh(plan.mesh, jax.devices()[:plan.mesh.n]), explicit=True)
-    placement.layout(plan.phase).check(cfg, batch)
-    rt = placement.runtime(plan.phase, model_lib.Runtime(attention_backend="xla"))
-    params = params_lib.abstract_params(cfg, dtype)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          params, placement.param_shardings(params))
-    cache = KVCache.abstract(cfg, batch, context, dtype)
-    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         cache, placement.cache_shardings(plan.phase, cache))
-    if plan.phase == "decode":
-        step = functools.partial(model_lib.decode_step, cfg=cfg, rt=rt)
-        args = (params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache)
-    else:
-        step = functools.partial(model_lib.prefill, cfg=cfg, rt=rt)
-        args = (params, jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
-                jax.ShapeDtypeStruct((batch,), jnp.int32), cache)
-    hlo = jax.jit(step).lower(*args).compile().as_text()
-    found = parse_collectives(hlo, plan.mesh.n)
-    inside = bytes_by_kind(found, loop_only=True)
-    everything = bytes_by_kind(found)
-    size = jnp.dtype(dtype).itemsize
-    wl = Workload(batch=batch, tokens=tokens, context=context, weight_bytes=size,
-                  act_bytes=size, kv_bytes=size)
-    modelled = bytes_by_kind(layer_collectives(cfg, plan, wl))
-    extra = bytes_by_kind(unmodelled_collectives(cfg, plan, wl))
-    L = cfg.n_layers
-    return AuditResult(plan=plan, dtype=jnp.dtype(dtype).name,
-                       measured={k: inside[k] / L for k in KINDS},
-                       predicted={k: modelled[k] + extra[k] for k in KINDS}, unmodelled=extra,
-                       outside_loop={k: everything[k] - inside[k] for k in KINDS})
+def audit_hlo(hlo: str, cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> AuditResult:
+    """Compare the collectives of a compiled step (`compiled.as_text()`) with the price of the
+    same step: `wl` must describe the compiled shapes (batch, tokens, dtypes)."""
+    return AuditResult(plan=plan, measured=bytes_by_kind(parse_collectives(hlo, plan.mesh.n)),
+                       predicted=priced_bytes(cfg, plan, wl))
 
 
 def format_audit(result: AuditResult) -> str:
-    """A readable table: per kind, bytes per chip per layer measured vs predicted and the ratio."""
+    """A readable table: per kind, bytes per chip per step measured vs priced and the ratio."""
     p = result.plan
-    lines = [f"HLO audit, {p.phase} {p.layout}/{p.attention} on {p.mesh}, {result.dtype} (bytes "
-             "per chip per layer; predicted = cost model + unmodelled)",
-             f"{'collective':<15}{'measured':>12}{'predicted':>12}{'unmodelled':>12}{'ratio':>8}"]
+    lines = [f"HLO audit, {p.phase} {p.layout}/{p.attention} on {p.mesh} (bytes per chip per "
+             "step)", f"{'collective':<20}{'measured':>12}{'priced':>12}{'ratio':>8}"]
     for row in result.rows():
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        lines.append(f"{row['kind']:<15}{row['measured_bytes']:>12.0f}"
-                     f"{row['predicted_bytes']:>12.0f}{row['unmodelled_bytes']:>12.0f}{ratio:>8}")
+        lines.append(f"{row['kind']:<20}{row['measured_bytes']:>12.0f}"
+                     f"{row['predicted_bytes']:>12.0f}{ratio:>8}")
     return "\n".join(lines)

@@ -59,7 +59,17 @@ def plan_to_json(best, hw_name: str) -> dict:
             "hardware": hw_name, "step_time_s": e.step_time_s, "mfu": e.mfu,
             "cost_chip_s_per_token": e.cost_chip_s_per_token,
             "memory_per_chip_bytes": e.memory_per_chip_bytes, "fits": e.fits, "bound": e.bound,
-            "breakdown": e.breakdown()}
+            "breakdown": e.breakdown(), **_expected_json(best)}
+
+
+def _expected_json(best) -> dict:
+    """The roofline and the expected time side by side (`partitioning.efficiency`)."""
+    x = best.expected
+    if x is None:
+        return {}
+    return {"roofline_step_s": x.roofline_s, "expected_step_s": x.step_s,
+            "expected_mfu": x.mfu, "expected_cost_chip_s_per_token": x.cost_chip_s_per_token,
+            "expected_bound": x.bound, "expected_breakdown": x.breakdown()}
 
 
 def run_plan(args) -> int:
@@ -116,18 +126,24 @@ def _print_plan(cfg, args, result, hw) -> None:
     title = (f"{cfg.name} {args.phase} on {args.chips} x {hw.name}, batch {args.batch}, "
              f"context {args.context}, {args.weights} weights")
     table = Table(title=title)
-    for col in ("", "layout", "attention", "mesh", "step ms", "MFU", "chip-ms/token",
-                "GiB/chip", "bound", "why not"):
+    for col in ("", "layout", "attention", "mesh", "expected ms", "roofline ms", "MFU",
+                "chip-ms/token", "GiB/chip", "bound", "why not"):
         table.add_column(col)
     for tag, c in [("best", result.best)] + [("", c) for c in result.runners_up]:
-        e, p = c.estimate, c.plan
-        table.add_row(tag, p.layout, p.attention, str(p.mesh), f"{e.step_time_s * 1e3:.3g}",
-                      f"{e.mfu:.1%}", f"{e.cost_chip_s_per_token * 1e3:.3g}",
-                      f"{e.memory_per_chip_bytes / 2**30:.1f}", e.bound, c.rejected or "")
-    console = Console(width=160)
+        e, x, p = c.estimate, c.expected, c.plan
+        table.add_row(tag, p.layout, p.attention, str(p.mesh), f"{x.step_s * 1e3:.3g}",
+                      f"{e.step_time_s * 1e3:.3g}", f"{x.mfu:.1%}",
+                      f"{x.cost_chip_s_per_token * 1e3:.3g}",
+                      f"{e.memory_per_chip_bytes / 2**30:.1f}", x.bound, c.rejected or "")
+    console = Console(width=170)
     console.print(table)
-    e = result.best.estimate
-    console.print("breakdown (s): " + ", ".join(f"{k} {v:.3g}" for k, v in e.breakdown().items()))
+    e, x = result.best.estimate, result.best.expected
+    console.print("roofline breakdown (s): "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in e.breakdown().items()))
+    console.print("expected breakdown (s): "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in x.breakdown().items()))
+    console.print("MFU, cost and bound at the expected time (efficiencies of "
+                  f"{hw.name}: {hw.efficiency.source('*')[:90]})")
     console.print(f"{len(result.rejected)} candidates rejected (invalid or not fitting)")
 
 

@@ -15,8 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+
+from jaxinfer import axes as ax
+from jaxinfer import params as params_lib
+from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 from partitioning.hardware import HardwareProfile
+from partitioning.layouts import Layout, resolve
 from partitioning.plan import GATHERED_AXES, PhasePlan
 
 WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -38,6 +44,11 @@ class Workload:
     """Bytes per activation element (bf16)."""
     kv_bytes: float = 2.0
     """Bytes per KV-cache element (bf16; 1 for an int8 cache)."""
+    quantization: quant.QuantConfig | None = None
+    """The projections' quantization, when known: weight gathers then move exactly the int8 /
+    packed-int4 data and the float32 scales (else `weight_bytes` per element, no scales)."""
+    logits_tokens: int = 1
+    """Positions per sequence whose logits the step computes (prefill and decode: the last)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,10 @@ class Collective:
     """Ring steps on a torus: the sum over the axes of (size - 1) (latency term)."""
     dcn_group: int = 1
     """Granules (hosts / slices) the group spans: its cross-granule leg runs over DCN."""
+    count: int = 1
+    """Executions per step (a layer's collectives run once per layer)."""
+    moves: str = "activations"
+    """'weights' (a weight-gathered layout's weight all-gathers) or 'activations'."""
 
     @property
     def bytes_per_chip(self) -> float:
@@ -83,7 +98,7 @@ class StepEstimate:
     fits: bool
     bound: str
     collectives: tuple[Collective, ...]
-    """The collectives of one layer."""
+    """Every collective of the step, each with its executions per step (`Collective.count`)."""
 
     def breakdown(self) -> dict[str, float]:
         return {"compute_s": self.compute_s, "weight_load_s": self.weight_load_s,
@@ -123,19 +138,6 @@ def _layer_matrices(cfg: ModelConfig) -> int:
     return E * Q * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + E * F * (_ffn_inputs(cfg) + 1)
 
 
-def _stored_matrices(cfg: ModelConfig, sizes: dict) -> list[tuple[str, float, tuple[str, ...]]]:
-    """One layer's matrices in 2D storage (E_x F_yz, §5.3), grouped by the mesh axes they are
-    split over: K/V projections whose heads do not divide over y*z are stored replicated over
-    y, z (the baseline multiquery layout, §6.1), split only over x."""
-    E, Q, K = cfg.d_model, cfg.head_dim, cfg.n_kv_heads
-    kv = E * Q * 2 * K
-    full = _layer_matrices(cfg) - kv
-    if K % (sizes["y"] * sizes["z"]) == 0:
-        return [("layer weights", full + kv, ("x", "y", "z"))]
-    return [("layer weights", full, ("x", "y", "z")),
-            ("K/V weights (heads replicated)", kv, ("x",))]
-
-
 def _ws_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
                     fuse: bool = True) -> list[Collective]:
     """1D (§5.1) or 2D (§5.2) weight-stationary, attention per §6.2."""
@@ -161,8 +163,10 @@ def _ws_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
     out += _coll("reduce-scatter", x_axes, s, BL * N * Q / M, a, "queries BLNQ")
     kv_sharded = K % M == 0
     for name in ("keys", "values"):
-        if kv_sharded:
+        if kv_sharded and (plan.attention == "batch" or K % (M * X) == 0):
             out += _coll("reduce-scatter", x_axes, s, BL * K * Q / M, a, f"{name} BLKQ")
+        elif kv_sharded:  # K/V heads split over y*z only: each x chip needs its heads whole
+            out += _coll("all-reduce", x_axes, s, BL * K * Q / M, a, f"{name} BLKQ")
         elif plan.attention == "batch":
             out += _coll("reduce-scatter", x_axes, s, BL * K * Q, a, f"{name} BLKQ into batch")
         else:
@@ -203,11 +207,7 @@ def _wg_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Col
     G = math.prod(s[ax] for ax in gathered)
     R = math.prod(s[ax] for ax in rest)
     BL, E, N, Q = wl.batch * wl.tokens, cfg.d_model, cfg.n_heads, cfg.head_dim
-    out = []
-    for what, elements, stored in _stored_matrices(cfg, s):
-        kept = math.prod(s[ax] for ax in stored if ax not in gathered)
-        out += _coll("all-gather", tuple(ax for ax in gathered if ax in stored), s,
-                     elements / kept, wl.weight_bytes, what)
+    out = _weight_gathers(_layer_leaves(cfg, wl), resolve(plan, cfg))
     for _ in range(_blocks(cfg)):
         out += _coll("all-gather", rest, s, BL * E / G, wl.act_bytes, "block input BLE")
         out += _coll("reduce-scatter", rest, s, BL * E / G, wl.act_bytes, "block output BLE")
@@ -233,6 +233,108 @@ def layer_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
            else _ws_collectives(cfg, plan, wl, fuse))
     dcn = dict(zip(("x", "y", "z"), plan.mesh.dcn))
     return [dataclasses.replace(c, dcn_group=math.prod(dcn[a] for a in c.axes)) for c in out]
+
+
+def step_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Collective]:
+    """Every collective of one step, per chip, each with its executions per step (`count`):
+    the layers' (`layer_collectives`), their norm statistics and weight gathers, the
+    embedding, the logits and (decode) the loop condition — what the step's program sends
+    (`jaxinfer.model`, `jaxinfer.decode_loop`)."""
+    lay = resolve(plan, cfg)
+    dcn = dict(zip(("x", "y", "z"), plan.mesh.dcn))
+    per_layer = layer_collectives(cfg, plan, wl) + _norm_statistics(cfg, lay, wl, wl.tokens)
+    out = [dataclasses.replace(c, count=cfg.n_layers) for c in per_layer]
+    out += _embedding_and_logits(cfg, lay, wl)
+    if plan.phase == "decode":
+        out += _coll("all-reduce", lay.live(lay.gathered), _sizes(plan), 1, 4.0,
+                     "loop condition: rows still running")
+    return [dataclasses.replace(c, dcn_group=math.prod(dcn[a] for a in c.axes)) for c in out]
+
+
+def _rows(lay: Layout, wl: Workload) -> float:
+    """Residual rows per chip (weight-gathered layouts split the batch over the gathered axes)."""
+    return wl.batch / lay.size(lay.live(lay.gathered))
+
+
+def _norm_statistics(cfg: ModelConfig, lay: Layout, wl: Workload, tokens: int,
+                     norms: int | None = None) -> list[Collective]:
+    """2D layouts split d_model over x: each norm all-reduces its float32 statistics there."""
+    norms = _blocks(cfg) if norms is None else norms
+    stats = 2 if cfg.norm == "layer" else 1
+    rows = _rows(lay, wl) * tokens
+    return [c for _ in range(norms * stats) for c in _coll(
+        "all-reduce", lay.live(lay.x_axes), lay.mesh.as_dict(), rows, 4.0, "norm statistics")]
+
+
+def _leaves(specs, shapes, logical) -> list[tuple[str, tuple[int, ...], tuple, float]]:
+    """(name, shape, logical axes, bytes per element) of every array of a weight subtree."""
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    flat_axes = jax.tree.leaves(logical, is_leaf=params_lib.is_axes)
+    return [(jax.tree_util.keystr(path), tuple(s.shape), names, float(s.dtype.itemsize))
+            for (path, s), names in zip(flat_shapes, flat_axes)]
+
+
+def _tree_leaves(cfg: ModelConfig, wl: Workload, select) -> list:
+    """Leaves of `select(tree)` with their stored dtypes: exact with `wl.quantization`, else
+    `wl.weight_bytes` per element of every weight."""
+    qc = wl.quantization
+    shapes = (params_lib.abstract_params(cfg) if qc is None
+              else quant.abstract_quantized_params(cfg, qc))
+    leaves = _leaves(None, select(shapes), select(quant.param_logical_axes(cfg, qc)))
+    if qc is None:
+        return [(n, s, a, wl.weight_bytes) for n, s, a, _ in leaves]
+    # QuantizedWeight arrays (".data" int8, ".scale" float32) keep their dtypes; norms, biases
+    # and embeddings stay in the model's float dtype
+    return [(n, s, a, b if n.endswith((".data", ".scale")) else wl.act_bytes)
+            for n, s, a, b in leaves]
+
+
+def _layer_leaves(cfg: ModelConfig, wl: Workload) -> list:
+    return _tree_leaves(cfg, wl, lambda t: t["layers"][0])
+
+
+def _weight_gathers(leaves, lay: Layout) -> list[Collective]:
+    """Weight-gathered layouts (§5.3): every stored weight array all-gathered over the gathered
+    axes of each of its dims, one collective per dim (as `jaxinfer.model` gathers them)."""
+    gathered = set(lay.live(lay.gathered))
+    if not gathered:
+        return []
+    rules, sizes = lay.weight_rules(), lay.mesh.as_dict()
+    out = []
+    for name, shape, names, nbytes in leaves:
+        dims = [rules.mesh_axes(a) for a in names]
+        per_chip = math.prod(shape) / lay.size(tuple(a for d in dims for a in d))
+        for axes in dims:
+            take = tuple(a for a in axes if a in gathered)
+            if take:
+                per_chip *= lay.size(take)  # the output of this gather
+                out += [dataclasses.replace(c, moves="weights")
+                        for c in _coll("all-gather", take, sizes, per_chip, nbytes, name)]
+    return out
+
+
+def _embedding_and_logits(cfg: ModelConfig, lay: Layout, wl: Workload) -> list[Collective]:
+    """The embedding lookup's reduce-scatter over the vocab shards, and the logits: residual
+    all-gather, final-norm statistics, partial sums reduce-scattered over x, vocab all-gathered
+    (float32); weight-gathered layouts first gather the embedding / unembedding / final norm."""
+    sizes, rows, tl = lay.mesh.as_dict(), _rows(lay, wl), wl.logits_tokens
+    globals_ = _tree_leaves(cfg, wl, lambda t: {k: v for k, v in t.items() if k != "layers"})
+    globals_ = [(n, s, a, wl.act_bytes if "embed']" in n and "unembed" not in n else b)
+                for n, s, a, b in globals_]  # the embedding table stays float
+    gathered = set(lay.live(lay.gathered))
+    vocab = tuple(a for a in lay.weight_rules().mesh_axes(ax.VOCAB) if a not in gathered)
+    embed_x = tuple(a for a in lay.weight_rules().mesh_axes(ax.EMBED) if a not in gathered)
+    x, model = lay.live(lay.x_axes), lay.live(lay.model_axes)
+    E, V = cfg.d_model, cfg.vocab_size
+    return (_weight_gathers(globals_, lay)
+            + _coll("reduce-scatter", vocab, sizes, rows * wl.tokens * E / lay.size(embed_x),
+                    wl.act_bytes, "embedding lookup")
+            + _coll("all-gather", model, sizes, rows * tl * E / lay.size(x), wl.act_bytes,
+                    "final residual")
+            + _norm_statistics(cfg, lay, wl, tl, norms=1)
+            + _coll("reduce-scatter", x, sizes, rows * tl * V / lay.size(vocab), 4.0,
+                    "logits partial sums")
+            + _coll("all-gather", vocab + x, sizes, rows * tl * V, 4.0, "logits vocab"))
 
 
 def collective_time(c: Collective, hw: HardwareProfile) -> float:
@@ -320,8 +422,8 @@ def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfil
     compute = _flops(cfg, wl) / (n * peak)
     weight_load = _weights_read_per_chip(cfg, plan, wl) / hw.hbm_bw
     kv_load = kv_cache_bytes_per_chip(cfg, plan, wl.batch, wl.context, wl.kv_bytes) / hw.hbm_bw
-    per_layer = layer_collectives(cfg, plan, wl)
-    comm = cfg.n_layers * sum(collective_time(c, hw) for c in per_layer)
+    collectives = step_collectives(cfg, plan, wl)
+    comm = sum(c.count * collective_time(c, hw) for c in collectives)
     memory = weight_load + kv_load
     step = max(compute, memory) + comm
     params = nominal_params or cfg.param_count()
@@ -333,7 +435,7 @@ def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfil
     return StepEstimate(step_time_s=step, compute_s=compute, weight_load_s=weight_load,
                         kv_load_s=kv_load, comm_s=comm, mfu=mfu,
                         cost_chip_s_per_token=n * step / tokens, memory_per_chip_bytes=mem,
-                        fits=mem <= hw.hbm_bytes, bound=bound, collectives=tuple(per_layer))
+                        fits=mem <= hw.hbm_bytes, bound=bound, collectives=tuple(collectives))
 
 
 def ffn_comm_elements(E: int, F: int, BL: int, layout: str, mesh, exact: bool = True) -> float:
@@ -347,10 +449,9 @@ def ffn_comm_elements(E: int, F: int, BL: int, layout: str, mesh, exact: bool = 
     wl = Workload(batch=BL, tokens=1, context=1, weight_bytes=1.0, act_bytes=1.0)
     total = 0.0
     for c in layer_collectives(cfg, plan, wl, fuse=False):
+        if c.moves == "weights" and c.what not in ("['w_up']", "['w_down']"):
+            continue  # only the two FFN matrices
         if c.what.startswith(("queries", "keys", "values", "attention", "attn", "K/V")):
             continue
-        if c.what == "layer weights":  # only the two FFN matrices
-            stored = dict((what, n) for what, n, _ in _stored_matrices(cfg, plan.mesh.as_dict()))
-            c = dataclasses.replace(c, elements=2 * E * F * c.elements / stored[c.what])
         total += c.bytes_per_chip if exact else c.bytes_per_chip * c.group / (c.group - 1)
     return total

@@ -9,14 +9,90 @@ bidirectional bandwidth of one ICI link (``axis_bw``); over k axes it uses k tim
 GPU NVLink domain every chip has one switch port (``axis_bw``) whatever the number of mesh axes.
 Between granules (TPU slices, GPU nodes, processes) the slower data-center network (``dcn_bw``)
 carries the cross-granule part of a collective (pope2022.md §2.2: DCN ~2.5e10 B/s per host).
+
+Efficiency (`EfficiencyParams`, used by `partitioning.efficiency` for the expected step time):
+tpu-v4's is fitted on the paper's measurements (``scripts/fit_cost_model.py``); the later TPUs
+carry it over, unvalidated; the GPUs and ``cpu``, with no measurement in the reference, keep the
+roofline's assumptions (`roofline_efficiency`) until they are measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 GIB = 1024**3
 GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficiencyParams:
+    """How far below the roofline a real step runs (`partitioning.efficiency`, issue 16 item 1).
+
+    Fitted by ``scripts/fit_cost_model.py`` on the measurements of pope2022.md (Tables 2-3, Figure
+    8, §9); the bounds below are checked here and by the fit.
+    """
+
+    matmul_peak_fraction: float
+    """Fraction of peak FLOP/s a large matmul reaches, in (0, 1]."""
+    matmul_half_tokens: float
+    """Rows (tokens) per chip of a matmul at which it reaches half of `matmul_peak_fraction`:
+    efficiency = peak_fraction * M / (M + half_tokens), M the per-chip token count. >= 0."""
+    hbm_fraction: float
+    """Fraction of the HBM bandwidth weight and KV-cache reads reach, in (0, 1]."""
+    link_fraction: float
+    """Fraction of the interconnect bandwidth a collective's payload reaches, in (0, 1]."""
+    collective_latency_s: float
+    """Fixed cost of launching one collective (synchronisation, kernel start), seconds >= 0."""
+    hop_latency_s: float
+    """Latency of one ring step of a collective on the torus (per hop), seconds >= 0."""
+    block_overhead_s: float
+    """Fixed cost per residual sub-block per layer (layernorm, residual add, fusion boundaries;
+    a serial layer has two sub-blocks, a parallel one, §7.1), seconds >= 0."""
+    step_overhead_s: float
+    """Fixed cost per step (embedding lookup, sampling, host dispatch), seconds >= 0."""
+    comm_overlap: float
+    """Fraction of the payload time of activation collectives next to a matmul that runs
+    concurrently with it (Looped CollectiveEinsum, pope2022.md §7.2), in [0, 1]."""
+    sources: tuple[tuple[str, str], ...] = ()
+    """(field, citation) pairs; '*' for all fields."""
+
+    def __post_init__(self):
+        for name in ("matmul_peak_fraction", "hbm_fraction", "link_fraction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= 1):
+                raise ValueError(f"EfficiencyParams.{name} must be in (0, 1], got {value!r}")
+        if not (math.isfinite(self.comm_overlap) and 0 <= self.comm_overlap <= 1):
+            raise ValueError(f"EfficiencyParams.comm_overlap must be in [0, 1], "
+                             f"got {self.comm_overlap!r}")
+        for name in ("matmul_half_tokens", "collective_latency_s", "hop_latency_s",
+                     "block_overhead_s", "step_overhead_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"EfficiencyParams.{name} must be finite and >= 0, "
+                                 f"got {value!r}")
+
+    def source(self, field: str) -> str:
+        """The citation for one field ('' if none)."""
+        table = dict(self.sources)
+        return table.get(field, table.get("*", ""))
+
+
+FIT_FIELDS = ("matmul_peak_fraction", "matmul_half_tokens", "hbm_fraction", "link_fraction",
+              "collective_latency_s", "hop_latency_s", "block_overhead_s", "step_overhead_s",
+              "comm_overlap")
+"""The fitted `EfficiencyParams` fields, in the order ``scripts/fit_cost_model.py`` fits them."""
+
+def roofline_efficiency(hop_latency_s: float) -> EfficiencyParams:
+    """For hardware nothing has been measured on: the roofline's assumptions (peak throughput,
+    no fixed costs, no overlap of communication) and its per-hop latency, so the expected time
+    is the roofline's terms under the overlap model of `partitioning.efficiency`."""
+    return EfficiencyParams(
+        matmul_peak_fraction=1.0, matmul_half_tokens=0.0, hbm_fraction=1.0, link_fraction=1.0,
+        collective_latency_s=0.0, hop_latency_s=hop_latency_s, block_overhead_s=0.0,
+        step_overhead_s=0.0, comm_overlap=0.0,
+        sources=(("*", "no measurement: the roofline's assumptions"),
+                 ("hop_latency_s", "the profile's hop_latency_s (roofline)")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +128,13 @@ class HardwareProfile:
     """Fixed latency per ring step of a collective (scaling book: ~1 µs per ICI hop)."""
     sources: tuple[tuple[str, str], ...] = ()
     """(field, citation) pairs."""
+    efficiency: EfficiencyParams | None = None
+    """How far below the roofline a step runs (`partitioning.efficiency`), with sources; None:
+    `roofline_efficiency` of this profile's hop latency (set on construction)."""
+
+    def __post_init__(self):
+        if self.efficiency is None:
+            object.__setattr__(self, "efficiency", roofline_efficiency(self.hop_latency_s))
 
     def source(self, field: str) -> str:
         """The citation for one field ('' if none)."""
@@ -63,6 +146,29 @@ _DCN = "pope2022.md §2.2: DCN ~2.5e10 B/s per host"
 DCN_PER_HOST = 2.5e10
 _PAPER = "pope2022.md §2.1 (Pope et al. 2022 p8)"
 
+_FIT = ("scripts/fit_cost_model.py on pope2022.md Tables 2-3, Figure 8 (multiquery lines) and "
+        "§9 (bf16 decode 36.9 ms, offline 73% MFU, serial block +14%): 19 points, RMS log "
+        "error 2.6%")
+TPU_V4_EFFICIENCY = EfficiencyParams(
+    matmul_peak_fraction=0.7669, matmul_half_tokens=16.72, hbm_fraction=0.8569,
+    link_fraction=0.1851, collective_latency_s=0.0, hop_latency_s=3.325e-06,
+    block_overhead_s=2.441e-05, step_overhead_s=2.854e-05, comm_overlap=0.5056,
+    sources=(("*", _FIT),
+             ("matmul_peak_fraction", _FIT + "; set by the WG-XYZ prefills (76%/73% MFU)"),
+             ("step_overhead_s", _FIT + "; weakly determined (28 µs, < 1% of every point)"),
+             ("hbm_fraction", _FIT + "; set by Fig. 8's heads-sharded slope (2.1 µs per cached "
+              "token) and int8 vs bf16 decode (28.5 vs 36.9 ms)"),
+             ("link_fraction", _FIT + "; of the 270 GB/s interconnect (§2.1)"),
+             ("comm_overlap", _FIT + "; Looped CollectiveEinsum hides comm 'partially or fully' "
+              "(§7.2)")))
+"""TPU v4 efficiencies, fitted on the paper's own measurements (issue 16 item 2)."""
+
+_TRANSFERRED = ("no measurement of this chip in pope2022.md: the tpu-v4 fit (same XLA TPU "
+                "software stack), transferred unvalidated")
+TPU_TRANSFERRED_EFFICIENCY = dataclasses.replace(TPU_V4_EFFICIENCY,
+                                                 sources=(("*", _TRANSFERRED),))
+"""Later TPU generations until measured."""
+
 TPU_V4 = HardwareProfile(
     name="tpu-v4", peak_flops_bf16=275e12, peak_flops_int8=275e12, hbm_bytes=32 * GIB,
     hbm_bw=1.2e12, axis_bw=9e10, topology="torus", max_mesh_axes=3, wrap_multiple=4,
@@ -71,14 +177,17 @@ TPU_V4 = HardwareProfile(
              ("hbm_bytes", _PAPER + ": 32 GiB"),
              ("hbm_bw", _PAPER + ": 1200 GB/s"), ("peak_flops_int8", _SB),
              ("axis_bw", "pope2022.md §2.2 [D]: 270 GB/s = 6 links x 4.5e10; one axis = 9e10 bidi"),
-             ("wrap_multiple", "pope2022.md §2.2: wrap-around only for full 4x4x4 cubes")))
+             ("wrap_multiple", "pope2022.md §2.2: wrap-around only for full 4x4x4 cubes"),
+             ("efficiency", _FIT)),
+    efficiency=TPU_V4_EFFICIENCY)
 
 TPU_V5E = HardwareProfile(
     name="tpu-v5e", peak_flops_bf16=1.97e14, peak_flops_int8=3.94e14, hbm_bytes=16 * GB,
     hbm_bw=8.1e11, axis_bw=9e10, topology="torus", max_mesh_axes=2, dcn_bw=DCN_PER_HOST / 8,
     sources=(("dcn_bw", _DCN + ", 8 chips (4x2) per host"),
              ("*", _SB + ": 16GB, 8.1e11 B/s, 1.97e14 bf16, 3.94e14 int8, ICI 9e10 bidi/link, "
-              "2D torus 16x16"),))
+              "2D torus 16x16"),),
+    efficiency=TPU_TRANSFERRED_EFFICIENCY)
 
 TPU_V5P = HardwareProfile(
     name="tpu-v5p", peak_flops_bf16=4.59e14, peak_flops_int8=9.18e14, hbm_bytes=96 * GB,
@@ -86,14 +195,16 @@ TPU_V5P = HardwareProfile(
     dcn_bw=DCN_PER_HOST / 4,
     sources=(("dcn_bw", _DCN + ", 4 chips (2x2x1) per host"),
              ("*", _SB + ": 96GB, 2.8e12 B/s, 4.59e14 bf16, 9.18e14 int8, ICI 1.8e11 bidi/link, "
-              "3D torus 16x20x28"),))
+              "3D torus 16x20x28"),),
+    efficiency=TPU_TRANSFERRED_EFFICIENCY)
 
 TPU_V6E = HardwareProfile(
     name="tpu-v6e", peak_flops_bf16=9.20e14, peak_flops_int8=1.84e15, hbm_bytes=32 * GB,
     hbm_bw=1.6e12, axis_bw=1.8e11, topology="torus", max_mesh_axes=2, dcn_bw=DCN_PER_HOST / 8,
     sources=(("dcn_bw", _DCN + ", 8 chips (4x2) per host"),
              ("*", _SB + ": 32GB, 1.6e12 B/s, 9.2e14 bf16, 1.84e15 int8, ICI 1.8e11 bidi/link, "
-              "2D torus 16x16"),))
+              "2D torus 16x16"),),
+    efficiency=TPU_TRANSFERRED_EFFICIENCY)
 
 _A100_SRC = ("NVIDIA A100 datasheet (2021): 80GB HBM2e 2,039 GB/s; bf16 dense 312 TFLOPS "
              "(pope2022.md §2.3); int8 624 TOPS; NVLink3 600 GB/s total = 300 GB/s per direction; "

@@ -17,9 +17,9 @@ import dataclasses
 
 from jaxinfer import axes as ax
 from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import LayerCollectives, ShardingError, ShardingRules
 from partitioning.mesh import MeshShape
 from partitioning.plan import ATTENTION, GATHERED_AXES, LAYOUTS, PhasePlan
-from partitioning.rules import ShardingError, ShardingRules
 
 HEADS_2D = ("z", "y")
 """Mesh axes of d_ff / heads in the stored 2D layout (the paper's yz)."""
@@ -77,21 +77,35 @@ class Layout:
         return self.mesh.size(axes)
 
     def weight_rules(self) -> ShardingRules:
-        """Stored weights (pope2022.md §5.1 `F_xyz`, §5.2 `E_x F_yz`; vocab like d_ff)."""
+        """Stored weights (pope2022.md §5.1 `F_xyz`, §5.2 `E_x F_yz`; vocab like d_ff); mesh
+        axes of size 1 are left out."""
         model = ALL_1D if self.storage == "1d" else HEADS_2D
         embed = () if self.storage == "1d" else ("x",)
+        live = self.live
         return ShardingRules.from_dict({
-            ax.EMBED: embed, ax.MLP: model, ax.Q_HEADS: model, ax.VOCAB: model,
-            ax.KV_HEADS: self.kv_stored}, description=f"{self.storage} weight storage")
+            ax.EMBED: live(embed), ax.MLP: live(model), ax.Q_HEADS: live(model),
+            ax.VOCAB: live(model), ax.KV_HEADS: live(self.kv_stored)},
+            description=f"{self.storage} weight storage")
 
     def activation_rules(self) -> ShardingRules:
-        """Residual stream, logits and the attention side (queries, K/V, KV cache)."""
-        attention = ShardingRules.from_dict({
-            ax.BATCH: self.attn_batch, ax.ACT_KV_HEADS: self.kv_heads,
-            ax.ACT_Q_HEADS: () if self.attention == "batch" else self.q_heads})
+        """The residual stream and per-sequence state (batch, d_model)."""
         return ShardingRules.from_dict(
-            {ax.BATCH: self.res_batch, ax.ACT_EMBED: self.res_embed, ax.ACT_MLP: self.q_heads},
-            attention_rules=attention, description=f"{self.name} / {self.attention}")
+            {ax.BATCH: self.live(self.res_batch), ax.ACT_EMBED: self.live(self.res_embed)},
+            description=f"{self.name} / {self.attention} residual")
+
+    def cache_rules(self) -> ShardingRules:
+        """The KV cache (batch inside attention, KV heads)."""
+        return ShardingRules.from_dict(
+            {ax.BATCH: self.live(self.attn_batch), ax.ACT_KV_HEADS: self.live(self.kv_heads)},
+            description=f"{self.name} / {self.attention} KV cache")
+
+    def collectives(self) -> LayerCollectives:
+        """The mesh axes of each collective point of the decoder layer (size-1 axes dropped)."""
+        live = self.live
+        return LayerCollectives(
+            gathered=live(self.gathered), model_axes=live(self.model_axes),
+            x_axes=live(self.x_axes), attention=self.attention, kv_heads=live(self.kv_heads),
+            kv_weight_axes=live(self.kv_weight_axes), attn_batch=live(self.attn_batch))
 
     def check(self, cfg: ModelConfig, batch: int | None = None) -> None:
         """Raise `ShardingError` naming the dim that the mesh does not divide."""

@@ -1,9 +1,12 @@
 """Choose a partitioning for a phase: enumerate meshes x layouts x attention shardings, drop what is
-invalid or does not fit, and rank the rest by the cost model (pope2022.md §4.1, §5.5, §6.4).
+invalid or does not fit, and rank the rest by expected time (pope2022.md §4.1, §5.5, §6.4).
 
-`plan_phase` returns the best candidate (minimum step time, or minimum cost per token among those
-meeting a latency target) with the runners-up and why each lost. `pareto_frontier` sweeps chip
-counts and batch sizes for the latency/cost frontier of the paper's Figure 1.
+The expected time is the roofline of `partitioning.cost_model` corrected by the hardware's fitted
+efficiencies and overlap model (`partitioning.efficiency`); each candidate carries both.
+`plan_phase` returns the best candidate (minimum expected step time, or minimum expected cost per
+token among those meeting a latency target) with the runners-up and why each lost.
+`pareto_frontier` sweeps chip counts and batch sizes for the latency/cost frontier of the paper's
+Figure 1.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import dataclasses
 import math
 
 from jaxinfer.config import ModelConfig
-from partitioning.cost_model import StepEstimate, Workload, estimate
+from partitioning.cost_model import StepEstimate, Workload
+from partitioning.efficiency import ExpectedStep, expected_time
 from partitioning.hardware import HardwareProfile
+from partitioning.layouts import ShardingError, resolve
 from partitioning.mesh import dcn_placements, factorizations
 from partitioning.plan import ATTENTION, GATHERED_AXES, LAYOUTS, PhasePlan, Plan
 
@@ -28,14 +33,19 @@ class Candidate:
 
     plan: PhasePlan
     estimate: StepEstimate | None
-    """None when the candidate is invalid."""
+    """The roofline estimate; None when the candidate is invalid."""
     rejected: str | None = None
     """Why the candidate cannot run, or why it lost to the winner."""
+    expected: ExpectedStep | None = None
+    """The expected time (what candidates are ranked by); None when invalid or not fitting."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanResult:
+    """The planner's answer for one phase."""
+
     best: Candidate
+    """The winner (minimum expected step time, or cost under a latency target)."""
     runners_up: tuple[Candidate, ...]
     """Next-best valid candidates, each with why it lost."""
     rejected: tuple[Candidate, ...]
@@ -92,26 +102,31 @@ def candidates(cfg: ModelConfig, phase: str, chips: int, hw: HardwareProfile,
 
 
 def _score(c: Candidate, latency_target_s: float | None):
-    e = c.estimate
+    """Sort key: expected time (or target met, then cost). On an exact tie batch-sharded
+    attention goes first: heads sharded over no chips (weight-gathered over all of them) is the
+    same computation, which the paper names 'Batch' (Table 2)."""
+    e, heads = c.expected, c.plan.attention == "heads"
     if latency_target_s is None:
-        return (e.step_time_s, e.cost_chip_s_per_token)
-    return (e.step_time_s > latency_target_s, e.cost_chip_s_per_token, e.step_time_s)
+        return (e.step_s, e.cost_chip_s_per_token, heads)
+    return (e.step_s > latency_target_s, e.cost_chip_s_per_token, e.step_s, heads)
+
+
+def _parts(e: ExpectedStep) -> tuple[tuple[str, float], ...]:
+    """The expected time's terms a runner-up is compared on."""
+    return (("compute", e.matmul_s), ("memory", e.weight_load_s + e.kv_load_s),
+            ("communication", e.weight_gather_s + e.comm_hidden_s + e.comm_exposed_s
+             + e.latency_s), ("overhead", e.overhead_s))
 
 
 def _why_lost(c: Candidate, best: Candidate, latency_target_s: float | None) -> str:
-    e, b = c.estimate, best.estimate
-    if latency_target_s is not None and e.step_time_s > latency_target_s:
-        return f"misses the latency target ({e.step_time_s * 1e3:.3g} ms)"
+    e, b = c.expected, best.expected
+    if latency_target_s is not None and e.step_s > latency_target_s:
+        return f"misses the latency target (expected {e.step_s * 1e3:.3g} ms)"
     if latency_target_s is not None:
         return (f"costs {e.cost_chip_s_per_token / b.cost_chip_s_per_token:.2f}x more per token")
-    parts = []
-    for name, mine, theirs in (("compute", e.compute_s, b.compute_s),
-                               ("memory", e.weight_load_s + e.kv_load_s,
-                                b.weight_load_s + b.kv_load_s),
-                               ("communication", e.comm_s, b.comm_s)):
-        if mine > theirs * 1.001:
-            parts.append(f"{name} {mine * 1e3:.3g} vs {theirs * 1e3:.3g} ms")
-    slower = e.step_time_s / b.step_time_s
+    parts = [f"{name} {mine * 1e3:.3g} vs {theirs * 1e3:.3g} ms"
+             for (name, mine), (_, theirs) in zip(_parts(e), _parts(b)) if mine > theirs * 1.001]
+    slower = e.step_s / b.step_s
     return f"{slower:.2f}x slower" + (f" ({'; '.join(parts)})" if parts else "")
 
 
@@ -133,13 +148,14 @@ def plan_phase(cfg: ModelConfig, phase: str, chips: int, wl: Workload, hw: Hardw
         if reason:
             rejected.append(Candidate(plan, None, reason))
             continue
-        est = estimate(cfg, plan, wl, hw, nominal_params)
+        exp = expected_time(cfg, plan, wl, hw, nominal_params)
+        est = exp.roofline
         if not est.fits:
             rejected.append(Candidate(plan, est, f"does not fit: needs "
                                       f"{est.memory_per_chip_bytes / 2**30:.1f} GiB per chip, "
                                       f"{hw.name} has {hw.hbm_bytes / 2**30:.1f} GiB"))
             continue
-        valid.append(Candidate(plan, est))
+        valid.append(Candidate(plan, est, expected=exp))
     if not valid:
         reasons = sorted({c.rejected for c in rejected})
         raise PlanningError(f"no partitioning of {cfg.name} on {chips} x {hw.name} can run "
@@ -153,13 +169,22 @@ def plan_phase(cfg: ModelConfig, phase: str, chips: int, wl: Workload, hw: Hardw
 
 @dataclasses.dataclass(frozen=True)
 class ParetoPoint:
+    """The best plan for one (chips, batch)."""
+
     chips: int
+    """Chips of the mesh."""
     batch: int
+    """Sequences per step."""
     plan: PhasePlan
+    """The planner's choice."""
     latency_s: float
-    """Step time (decode: per token)."""
+    """Expected step time (decode: per token)."""
     cost_chip_s_per_token: float
+    """Chips x expected step time / tokens."""
     mfu: float
+    """MFU at the expected time."""
+    roofline_latency_s: float = 0.0
+    """The roofline's step time of the same plan."""
 
 
 def pareto_frontier(cfg: ModelConfig, phase: str, chip_counts, batches, hw: HardwareProfile,
@@ -175,9 +200,9 @@ def pareto_frontier(cfg: ModelConfig, phase: str, chip_counts, batches, hw: Hard
                 best = plan_phase(cfg, phase, chips, wl, hw, nominal_params=nominal_params).best
             except PlanningError:
                 continue
-            e = best.estimate
-            points.append(ParetoPoint(chips, batch, best.plan, e.step_time_s,
-                                      e.cost_chip_s_per_token, e.mfu))
+            e = best.expected
+            points.append(ParetoPoint(chips, batch, best.plan, e.step_s,
+                                      e.cost_chip_s_per_token, e.mfu, e.roofline_s))
     frontier = [p for p in points
                 if not any(q.latency_s <= p.latency_s and q.cost_chip_s_per_token
                            <= p.cost_chip_s_per_token and q is not p
@@ -190,7 +215,7 @@ def pareto_frontier(cfg: ModelConfig, phase: str, chip_counts, batches, hw: Hard
 def plan_generation(cfg: ModelConfig, chips: int, batch: int, prompt_len: int, new_tokens: int,
                     hw: HardwareProfile, weight_bytes: float = 2.0, act_bytes: float = 2.0,
                     granules: int | None = None) -> Plan:
-    """The executable `Plan` minimising prefill time + new_tokens x decode step time.
+    """The executable `Plan` minimising expected prefill time + new_tokens x decode step time.
 
     Both phases share one mesh and one weight storage (pope2022.md §5.3: 1d-ws pairs only with
     itself), so each mesh (with each DCN placement of the granules) is priced with its best
@@ -198,9 +223,6 @@ def plan_generation(cfg: ModelConfig, chips: int, batch: int, prompt_len: int, n
     heads, batch: `partitioning.layouts`) are skipped. When none remains, the batch is priced
     padded to a multiple of the chips (as `jaxinfer.generate` pads it).
     """
-    from partitioning.layouts import resolve
-    from partitioning.rules import ShardingError
-
     granules = default_granules(chips, hw) if granules is None else granules
     context = prompt_len + new_tokens
     work = {"prefill": Workload(batch, prompt_len, prompt_len, weight_bytes, act_bytes),
@@ -214,11 +236,11 @@ def plan_generation(cfg: ModelConfig, chips: int, batch: int, prompt_len: int, n
                 resolve(plan, cfg).check(cfg, batch)
             except ShardingError:
                 continue
-            est = estimate(cfg, plan, work[phase], hw)
-            if not est.fits:
+            exp = expected_time(cfg, plan, work[phase], hw)
+            if not exp.roofline.fits:
                 continue
             key = (plan.mesh, plan.layout == "1d-ws")
-            seconds = est.step_time_s * (new_tokens if phase == "decode" else 1)
+            seconds = exp.step_s * (new_tokens if phase == "decode" else 1)
             if phase not in best.setdefault(key, {}) or seconds < best[key][phase][0]:
                 best[key][phase] = (seconds, plan)
     pairs = [(p["prefill"][0] + p["decode"][0], p["prefill"][1], p["decode"][1])

@@ -8,7 +8,11 @@ On CPU only the XLA paths run (the Pallas kernels need an accelerator; interpret
 correctness, not speed). Counterparts: GPU `ops.gpu.decode_attention.gqa` (its cache layout
 [B, S, K, H] is produced by a transpose outside the timed call) and `ops.gpu.attention.mha`
 (MHA only: K/V repeated to N heads outside the timed call); TPU `ops.tpu.flash_attention`
-(likewise MHA). TPU paged attention takes a paged cache layout and is not compared.
+(likewise MHA). Ragged paged attention (a mixed step of prefill chunks and decode tokens over a
+shuffled page pool) is compared with TPU `ops.tpu.ragged_paged_attention` (float pages only: it
+takes per-tensor scales; K/V merged into its [P, page, 2K, H] layout outside the timing) and, for
+decode-only steps, GPU `ops.gpu.paged_attention` (pages transposed to [K, P, page, H] outside the
+timing; int8 with the same per-token scales).
 Bytes are the compulsory HBM traffic (inputs once, outputs once); FLOPs count 2 per multiply-add.
 """
 
@@ -20,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 from pallas_kernels.attention_ref import decode_attention_ref, flash_attention_ref
@@ -123,6 +128,68 @@ def bench_flash(platform, b, n, kv_heads, t, h, dtype):
             (q, k_full, v_full), nbytes, flops)
 
 
+def ragged_step(seqs, n, kv_heads, h, page_size, pages_per_seq, dtype, int8, seed=0):
+    """Inputs of one ragged paged attention step: seqs = (kv_len, q_len) per sequence, pages
+    handed out in a shuffled order. Returns (args, scales)."""
+    rng = np.random.default_rng(seed)
+    need = [-(-kv // page_size) for kv, _ in seqs]
+    ids = rng.permutation(sum(need))
+    table = np.zeros((len(seqs), pages_per_seq), np.int32)
+    for s, start in enumerate(np.cumsum([0] + need[:-1])):
+        table[s, :need[s]] = ids[start:start + need[s]]
+    starts = np.concatenate([[0], np.cumsum([ql for _, ql in seqs])]).astype(np.int32)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shape = (len(ids), kv_heads, page_size, h)
+    q = jax.random.normal(keys[0], (int(starts[-1]), n, h), dtype)
+    k, v = (jax.random.normal(key, shape, dtype) for key in keys[1:])
+    scales = {}
+    if int8:
+        k, v = (x.astype(jnp.int8) for x in (k, v))
+        scales = dict(k_scale=jnp.full(shape[:3], 0.02, jnp.float32),
+                      v_scale=jnp.full(shape[:3], 0.02, jnp.float32))
+    args = (q, k, v, jnp.asarray(table), jnp.asarray([kv for kv, _ in seqs], jnp.int32),
+            jnp.asarray(starts), jnp.int32(len(seqs)))
+    return args, scales
+
+
+def bench_ragged(platform, name, seqs, n, kv_heads, h, page_size, dtype, int8):
+    pages_per_seq = -(-max(kv for kv, _ in seqs) // page_size)
+    pages_per_seq = -(-pages_per_seq // 16) * 16  # ops.gpu.paged_attention: k_splits=16 | pps
+    args, scales = ragged_step(seqs, n, kv_heads, h, page_size, pages_per_seq, dtype, int8)
+    q, k, v, table, kv_lens, starts, num_seqs = args
+    elem = k.dtype.itemsize
+    kv_tokens = sum(kv for kv, _ in seqs)
+    nbytes = 2 * kv_tokens * kv_heads * h * elem + 2 * q.size * q.dtype.itemsize
+    nbytes += 2 * kv_tokens * kv_heads * 4 if int8 else 0
+    flops = 4 * n * h * sum(sum(range(kv - ql + 1, kv + 1)) for kv, ql in seqs)
+    print(f"ragged paged ({name}) seqs={len(seqs)} T={q.shape[0]} N={n} K={kv_heads} H={h} "
+          f"page={page_size} {jnp.dtype(dtype).name}{' int8 pages' if int8 else ''}: "
+          f"{nbytes / 1e6:.1f} MB")
+    run("xla reference",
+        lambda *a: pallas_kernels.ragged_paged_attention_ref(*a, **scales), args, nbytes, flops)
+    if platform not in ("tpu", "gpu"):
+        return
+    run(f"jaxinfer {platform} kernel",
+        lambda *a: pallas_kernels.ragged_paged_attention(*a, **scales, backend=platform),
+        args, nbytes, flops)
+    if platform == "tpu" and not int8:
+        from jax.experimental.pallas.ops.tpu import ragged_paged_attention as ops_rpa
+        kv = jnp.stack([jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)], axis=3)  # [P, ps, K, 2, H]
+        kv = kv.reshape(k.shape[0], page_size, 2 * kv_heads, h)  # K at even, V at odd heads
+        run("pallas.ops.tpu.ragged_paged_attention",
+            lambda q, kv, t, lens, st, ns: ops_rpa.ragged_paged_attention(
+                q, kv, lens, t, st, ns, sm_scale=h ** -0.5),
+            (q, kv, table, kv_lens, starts, num_seqs.reshape(1)), nbytes, flops)
+    if platform == "gpu" and all(ql == 1 for _, ql in seqs):
+        from jax.experimental.pallas.ops.gpu import paged_attention as ops_paged
+        kt, vt = (jnp.swapaxes(x, 0, 1) for x in (k, v))  # [K, P, ps, H]
+        st = tuple(jnp.swapaxes(scales[x], 0, 1) for x in ("k_scale", "v_scale")) if int8 else ()
+        run("pallas.ops.gpu.paged_attention",
+            lambda q, k, v, t, lens, *sc: ops_paged.paged_attention(q * h ** -0.5, k, v, t, lens,
+                                                                     *sc),
+            (q, kt, vt, table, kv_lens) + st, nbytes, flops)
+
+
 def bench_quantized_matmul(platform, k_dim, n_dim, ms):
     if not hasattr(pallas_kernels, "quantized_matmul"):
         print("quantized_matmul not available: skipped")
@@ -164,6 +231,16 @@ def main() -> None:
     bench_decode(platform, 4 if small else 8, 32, 8, s, 128, bf16, int8=True)
     bench_flash(platform, 1, 8 if small else 32, 2 if small else 8, 256 if small else 4096, 128,
                 bf16)
+    rng = np.random.default_rng(0)
+    max_kv = 512 if small else 4096
+    decode = [(int(kv), 1) for kv in rng.integers(max_kv // 4, max_kv + 1, 8 if small else 64)]
+    chunk = 64 if small else 256
+    mixed = decode[:16] + [(max_kv // 2, chunk), (chunk, chunk)]
+    for name, seqs in (("decode", decode), ("mixed", mixed)):
+        bench_ragged(platform, name, seqs, 8 if small else 32, 2 if small else 8, 128, 16, bf16,
+                     int8=False)
+    bench_ragged(platform, "decode", decode, 8 if small else 32, 2 if small else 8, 128, 16, bf16,
+                 int8=True)
     bench_quantized_matmul(platform, 1024 if small else 8192, 1024 if small else 8192,
                            (1, 16) if small else (1, 8, 16))
 

@@ -1,0 +1,342 @@
+"""Continuous-batching scheduler: decode-maximal steps with chunked prefill over a paged KV cache.
+
+Each request has `token_ids` (prompt + generated) and `num_computed` (tokens whose K/V are cached);
+a step feeds every running sequence some of its missing tokens, and a sequence whose fed tokens
+reach the end of `token_ids` samples one more token. A decode is a sequence past its prefill: its
+one missing token is the one it sampled last.
+
+Step policy (SARATHI decode-maximal batches; Sarathi-Serve order):
+1. every running sequence past its prefill (a decode: one missing token, its last sampled one)
+   gets it, in admission order;
+2. the rest of `token_budget` goes to running prefills, oldest first, each chunk at most
+   `max_prefill_chunk` tokens (and shortened to the pages available);
+3. then waiting requests are admitted in FCFS order (preempted ones first) while a slot, budget
+   and pages for their first chunk are there, after a prefix-cache lookup — unless this step
+   preempted someone (the pool is short; admitting more would only thrash).
+When a running sequence cannot get a page for even one token, the most recently admitted running
+sequence is preempted by recompute: its pages are released, it goes to the front of the queue and
+will re-prefill prompt + generated-so-far (often hitting its own cached pages) and continue. The
+oldest running sequence always progresses (every request fits the pool alone, checked at
+`add_request`), so the engine never deadlocks.
+
+The scheduler is synchronous: `schedule()` plans a step, the caller runs it on the device and
+hands the sampled tokens to `update(plan, ...)` before the next `schedule()`. Pages become
+prefix-cache entries in `update`, after the step that computed them, so no sequence reads a page
+in the same step that writes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from jaxinfer.engine.pages import PagePool, pages_for_tokens
+from jaxinfer.engine.plan import (Request, RequestState, SchedulerStats, StepPlan,
+                                  build_step_plan)
+from jaxinfer.engine.prefix_cache import PrefixCache, PrefixCacheStats, extend_block_hashes
+
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass
+class _StepBuild:
+    """A step under construction."""
+
+    budget: int
+    """Tokens still unassigned this step."""
+    entries: dict[Request, int] = dataclasses.field(default_factory=dict)
+    """Tokens assigned to each scheduled request, in slot order."""
+    decodes: set[Request] = dataclasses.field(default_factory=set)
+    """Requests scheduled in the decode pass."""
+    preempted: bool = False
+    """Whether a sequence was preempted while building this step."""
+
+
+class Scheduler:
+    """Plans engine steps and keeps the page and prefix-cache accounting (no model, no device)."""
+
+    def __init__(self, *, max_seqs: int, page_size: int, num_pages: int, token_budget: int,
+                 max_prefill_chunk: int, max_model_len: int, prefix_caching: bool = True,
+                 min_token_bucket: int = 8):
+        self.max_seqs = _check_int("max_seqs", max_seqs, 1)
+        self.page_size = _check_int("page_size", page_size, 1)
+        self.num_pages = _check_int("num_pages", num_pages, 1)
+        self.token_budget = _check_int("token_budget", token_budget, 1)
+        self.max_prefill_chunk = _check_int("max_prefill_chunk", max_prefill_chunk, 1)
+        self.max_model_len = _check_int("max_model_len", max_model_len, 2)
+        self.min_token_bucket = _check_int("min_token_bucket", min_token_bucket, 1)
+        if self.token_budget < self.max_seqs:
+            raise ValueError(
+                f"token_budget={token_budget} must be >= max_seqs={max_seqs} so that every "
+                f"running sequence can decode in one step")
+        if self.max_prefill_chunk > self.token_budget:
+            raise ValueError(
+                f"max_prefill_chunk={max_prefill_chunk} must be <= token_budget={token_budget}")
+        if not isinstance(prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be a bool, got {prefix_caching!r}")
+        self.prefix_caching = prefix_caching
+        self.pages_per_seq = pages_for_tokens(self.max_model_len, self.page_size)
+        self.pool = PagePool(self.num_pages)
+        self.prefix_cache = PrefixCache(self.pool, self.page_size)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._ids: set[Hashable] = set()
+        self._stats = SchedulerStats()
+        self._pending: tuple[StepPlan, list[Request]] | None = None
+        self._num_steps = 0
+
+    # ----------------------------------------------------------------------------- requests
+    def add_request(self, request_id: Hashable, prompt: Sequence[int], max_new_tokens: int,
+                    extra_key: str | bytes | None = None) -> Request:
+        """Queue a request; one that cannot fit (too long, more pages than the pool) is an error."""
+        if request_id in self._ids:
+            raise ValueError(f"request_id {request_id!r} was already added")
+        tokens = self._check_prompt(request_id, prompt)
+        max_new = _check_int("max_new_tokens", max_new_tokens, 1)
+        self._check_fits(request_id, len(tokens), max_new)
+        if isinstance(extra_key, str):
+            extra_key = extra_key.encode()
+        elif extra_key is None:
+            extra_key = b""
+        elif not isinstance(extra_key, bytes):
+            raise ValueError(f"extra_key must be str, bytes or None, got {extra_key!r}")
+        req = Request(request_id=request_id, prompt=tokens, max_new_tokens=max_new,
+                      arrival=len(self._ids), extra_key=extra_key)
+        self._ids.add(request_id)
+        self._waiting.append(req)
+        self._stats.prompt_tokens += len(tokens)
+        return req
+
+    def _check_prompt(self, request_id: Hashable, prompt: Sequence[int]) -> tuple[int, ...]:
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise ValueError(
+                f"request {request_id!r}: prompt must be a non-empty 1-D sequence of int token "
+                f"ids, got shape {arr.shape} dtype {arr.dtype}")
+        if arr.min() < 0 or arr.max() > _MAX_TOKEN_ID:
+            raise ValueError(
+                f"request {request_id!r}: prompt token ids must be in [0, {_MAX_TOKEN_ID}], got "
+                f"min {arr.min()} max {arr.max()}")
+        return tuple(int(t) for t in arr)
+
+    def _check_fits(self, request_id: Hashable, prompt_len: int, max_new: int) -> None:
+        total = prompt_len + max_new
+        if total > self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {prompt_len} tokens + max_new_tokens={max_new} "
+                f"= {total} tokens exceeds max_model_len={self.max_model_len}")
+        # The last sampled token is never fed back, so the cache holds total - 1 tokens at most.
+        need = pages_for_tokens(total - 1, self.page_size)
+        if need > self.num_pages:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {prompt_len} tokens + max_new_tokens={max_new} "
+                f"needs {need} pages of {self.page_size} tokens ({total - 1} cached tokens) but "
+                f"the pool has num_pages={self.num_pages}")
+
+    # ----------------------------------------------------------------------------- status
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether some request is waiting or running."""
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (never admitted, or preempted)."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted and holding pages."""
+        return len(self._running)
+
+    def running(self) -> tuple[Request, ...]:
+        """Running requests in admission order."""
+        return tuple(self._running)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """A copy of the counters."""
+        return dataclasses.replace(self._stats)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The prefix cache's counters."""
+        return self.prefix_cache.stats()
+
+    # ----------------------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan:
+        """Plan the next step (see the module docstring for the policy)."""
+        if self._pending is not None:
+            raise RuntimeError(
+                f"step {self._pending[0].step} was planned but not updated: call "
+                f"update(plan, sampled_tokens, finished_flags) before scheduling again")
+        if not self.has_unfinished:
+            raise RuntimeError("nothing to schedule: no waiting or running requests")
+        build = _StepBuild(budget=self.token_budget)
+        decoding = [r for r in self._running if r.num_computed >= r.prefill_target]
+        for req in decoding:
+            if self._schedule_running(req, build):
+                build.decodes.add(req)
+        for req in [r for r in self._running if r.num_computed < r.prefill_target]:
+            self._schedule_running(req, build)
+        if not build.preempted:
+            self._admit(build)
+        entries = list(build.entries.items())
+        plan = build_step_plan(
+            self._num_steps, entries, num_decode_seqs=sum(r in build.decodes for r, _ in entries),
+            max_seqs=self.max_seqs, pages_per_seq=self.pages_per_seq, page_size=self.page_size,
+            num_pages=self.num_pages, min_token_bucket=self.min_token_bucket)
+        self._pending = (plan, [r for r, _ in entries])
+        return plan
+
+    def _schedule_running(self, req: Request, build: _StepBuild) -> bool:
+        """Give a running request its tokens for this step; False if it got none."""
+        if req.state is not RequestState.RUNNING or build.budget == 0:
+            return False
+        want = min(req.num_remaining, self.max_prefill_chunk, build.budget)
+        n = self._grow(req, want, build)
+        if n:
+            build.entries[req] = n
+            build.budget -= n
+        return n > 0
+
+    def _grow(self, req: Request, want: int, build: _StepBuild) -> int:
+        """Pages for up to `want` more tokens of `req`, preempting the newest if none fit."""
+        while True:
+            room = (len(req.pages) + self.prefix_cache.num_available) * self.page_size
+            n = min(want, room - req.num_computed)
+            if n >= 1:
+                need = pages_for_tokens(req.num_computed + n, self.page_size) - len(req.pages)
+                if need:
+                    req.pages.extend(self.prefix_cache.allocate(need))
+                return n
+            victim = self._running[-1]
+            self._preempt(victim, build)
+            if victim is req:
+                return 0
+
+    def _preempt(self, victim: Request, build: _StepBuild) -> None:
+        self._running.remove(victim)
+        build.budget += build.entries.pop(victim, 0)
+        build.decodes.discard(victim)
+        self.prefix_cache.release(victim.pages)
+        victim.pages = []
+        victim.num_computed = 0
+        victim.state = RequestState.WAITING
+        victim.num_preemptions += 1
+        self._waiting.appendleft(victim)
+        self._stats.preemptions += 1
+        build.preempted = True
+
+    def _admit(self, build: _StepBuild) -> None:
+        """Admit waiting requests FCFS while a slot, budget and pages for a first chunk exist."""
+        while self._waiting and len(self._running) < self.max_seqs and build.budget > 0:
+            req = self._waiting[0]
+            hits = self._match(req)
+            hit_tokens = len(hits) * self.page_size
+            want = min(len(req.token_ids) - hit_tokens, self.max_prefill_chunk, build.budget)
+            need = pages_for_tokens(hit_tokens + want, self.page_size) - len(hits)
+            if need > self.prefix_cache.num_available - self.prefix_cache.num_idle(hits):
+                return
+            self._waiting.popleft()
+            if self.prefix_caching:
+                self.prefix_cache.claim(hits)
+                self._stats.prefix_hit_tokens += hit_tokens
+            req.pages = hits + self.prefix_cache.allocate(need)
+            req.num_computed = hit_tokens
+            req.prefill_target = len(req.token_ids)
+            req.state = RequestState.RUNNING
+            self._running.append(req)
+            build.entries[req] = want
+            build.budget -= want
+
+    def _match(self, req: Request) -> list[int]:
+        """Cached pages of the longest prefix of `req`, leaving at least one token to compute."""
+        if not self.prefix_caching:
+            return []
+        extend_block_hashes(req.block_hashes, req.token_ids, self.page_size, req.extra_key)
+        max_blocks = (len(req.token_ids) - 1) // self.page_size
+        return self.prefix_cache.match(req.block_hashes[:max_blocks])
+
+    # ----------------------------------------------------------------------------- update
+    def update(self, plan: StepPlan, sampled_tokens: Sequence[int],
+               finished_flags: Sequence[bool] | None = None) -> list[Request]:
+        """Record the step `plan` ran: slot i's sampled token is `sampled_tokens[i]` (read only
+        where `plan.samples[i]`), `finished_flags[i]` True means the caller saw a stop there.
+        Both have num_seqs or max_seqs entries. Returns the requests that finished."""
+        if self._pending is None or plan is not self._pending[0]:
+            expected = None if self._pending is None else self._pending[0].step
+            raise ValueError(
+                f"update(plan) got the plan of step {plan.step}, but the step awaiting its "
+                f"update is {expected}")
+        tokens, flags = self._check_outputs(plan, sampled_tokens, finished_flags)
+        finished = []
+        for slot, req in enumerate(self._pending[1]):
+            self._advance(req, len(plan.chunk_token_ids[slot]))
+            if plan.samples[slot] and self._append(req, int(tokens[slot]), bool(flags[slot])):
+                finished.append(req)
+        self._pending = None
+        self._num_steps += 1
+        self._stats.steps += 1
+        return finished
+
+    def _check_outputs(self, plan: StepPlan, sampled_tokens, finished_flags):
+        tokens = np.asarray(sampled_tokens)
+        flags = (np.zeros(plan.num_seqs, bool) if finished_flags is None
+                 else np.asarray(finished_flags))
+        for name, arr, kinds in (("sampled_tokens", tokens, "iu"), ("finished_flags", flags, "b")):
+            if arr.ndim != 1 or len(arr) not in (plan.num_seqs, self.max_seqs) or (
+                    arr.size and arr.dtype.kind not in kinds):
+                raise ValueError(
+                    f"{name} must be 1-D of length num_seqs={plan.num_seqs} or max_seqs="
+                    f"{self.max_seqs} with dtype kind {kinds!r}, got shape {arr.shape} dtype "
+                    f"{arr.dtype}")
+        mask = np.asarray(plan.samples, bool)
+        bad = np.flatnonzero(flags[:plan.num_seqs] & ~mask)
+        if bad.size:
+            raise ValueError(
+                f"finished_flags is True at slot {int(bad[0])} (request "
+                f"{plan.request_ids[bad[0]]!r}), which did not sample a token this step")
+        sampled = tokens[:plan.num_seqs][mask]
+        if sampled.size and (sampled.min() < 0 or sampled.max() > _MAX_TOKEN_ID):
+            raise ValueError(
+                f"sampled_tokens must be in [0, {_MAX_TOKEN_ID}] at sampling slots, got min "
+                f"{sampled.min()} max {sampled.max()}")
+        return tokens, flags
+
+    def _advance(self, req: Request, n: int) -> None:
+        """`n` more tokens of `req` were computed; cache the pages that became full."""
+        start, req.num_computed = req.num_computed, req.num_computed + n
+        prefill = max(0, min(req.num_computed, req.prefill_target) - start)
+        self._stats.prefill_tokens += prefill
+        self._stats.decode_tokens += n - prefill
+        if not self.prefix_caching:
+            return
+        extend_block_hashes(req.block_hashes, req.token_ids, self.page_size, req.extra_key)
+        for b in range(start // self.page_size, req.num_computed // self.page_size):
+            self.prefix_cache.insert(req.block_hashes[b], req.pages[b])
+
+    def _append(self, req: Request, token: int, stop: bool) -> bool:
+        """Append a sampled token; finish and release the request if done. True if finished."""
+        req.token_ids.append(token)
+        self._stats.generated_tokens += 1
+        if stop:
+            req.finish_reason = "stop"
+        elif len(req.token_ids) - len(req.prompt) == req.max_new_tokens:
+            req.finish_reason = "length"
+        else:
+            return False
+        self._running.remove(req)
+        self.prefix_cache.release(req.pages)
+        req.pages = []
+        req.state = RequestState.FINISHED
+        self._stats.finished_requests += 1
+        return True

@@ -1,0 +1,189 @@
+"""The efficiency model on top of the roofline (issue 16 items 1, 2, 4; pope2022.md sections
+cited per test)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxinfer.cli import main
+from partitioning.cost_model import Collective, Workload
+from partitioning.efficiency import (collective_seconds, collective_term, expected_time,
+                                     matmul_efficiency)
+from partitioning.efficiency_fit import BOUNDS, fit, paper_points, point_terms, predict
+from partitioning.hardware import FIT_FIELDS, EfficiencyParams, get_hardware
+from partitioning.mesh import MeshShape, paper_mesh_shape
+from partitioning.plan import PhasePlan
+from partitioning.planner import plan_phase
+from partitioning.presets import NOMINAL_PARAMS, PRESETS
+
+V4 = get_hardware("tpu-v4")
+FITTED = V4.efficiency
+
+
+def _params(**kw) -> EfficiencyParams:
+    return dataclasses.replace(FITTED, **kw)
+
+
+def test_matmul_efficiency_rises_with_tokens_and_stays_below_peak():
+    ms = [1, 4, 16, 64, 256, 1024, 4096, 16384, 1 << 20]
+    effs = [matmul_efficiency(m, FITTED) for m in ms]
+    assert effs == sorted(effs) and len(set(effs)) == len(effs)
+    assert all(0 < e <= FITTED.matmul_peak_fraction <= 1 for e in effs)
+    assert effs[0] < 0.1 and effs[-1] > 0.99 * FITTED.matmul_peak_fraction
+    half = matmul_efficiency(FITTED.matmul_half_tokens, FITTED)
+    assert half == pytest.approx(FITTED.matmul_peak_fraction / 2)
+    with pytest.raises(ValueError, match="tokens_per_chip must be positive"):
+        matmul_efficiency(0, FITTED)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("link_fraction", 1.5, r"link_fraction must be in \(0, 1\], got 1.5"),
+    ("hbm_fraction", 0.0, r"hbm_fraction must be in \(0, 1\]"),
+    ("hop_latency_s", -1e-6, "hop_latency_s must be finite and >= 0, got -1e-06"),
+    ("comm_overlap", 1.2, r"comm_overlap must be in \[0, 1\]"),
+])
+def test_efficiency_params_reject_implausible_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _params(**{field: value})
+
+
+def test_collective_is_latency_plus_bytes_over_achievable_bandwidth():
+    """§4.3 volumes over the torus interconnect, 270 GB/s (§2.1), halved without wrap-around
+    (§2.2)."""
+    params = _params(link_fraction=0.5, collective_latency_s=2e-6, hop_latency_s=1e-6)
+    c = Collective("all-gather", ("y", "z"), 16, 1e6, 2.0, "block input BLE", torus_steps=6,
+                   count=3)
+    cube = PhasePlan("decode", "2d-ws", "batch", MeshShape(4, 4, 4))
+    payload, latency = collective_seconds(collective_term(c, cube, V4), params)
+    assert payload == pytest.approx(3 * 2e6 * 15 / 16 / (0.5 * 270e9))
+    assert latency == pytest.approx(3 * (2e-6 + 6 * 1e-6))
+    x = Collective("reduce-scatter", ("x",), 2, 1e6, 2.0, "t", torus_steps=1)
+    no_wrap = PhasePlan("decode", "2d-ws", "batch", MeshShape(2, 4, 8))
+    assert collective_seconds(collective_term(x, no_wrap, V4), params)[0] == pytest.approx(
+        2e6 / 2 / (0.5 * 135e9))
+    a2a = dataclasses.replace(c, kind="all-to-all", count=1)
+    assert collective_seconds(collective_term(a2a, cube, V4), params)[0] == pytest.approx(
+        payload / 3 / 4)  # scaling book: an all-to-all ~1/4 of an all-gather (§4.3)
+    dcn = dataclasses.replace(c, dcn_group=2, count=1)
+    term = collective_term(dcn, cube, V4)
+    assert term.dcn_s == pytest.approx(2e6 / 2 / V4.dcn_bw)
+    assert term.link_s == pytest.approx(1e6 * 7 / 8 / 270e9)
+
+
+def _decode(attention="batch", batch=64, weight_bytes=1.0):
+    return (PRESETS["palm-540b"], PhasePlan("decode", "2d-ws", attention, MeshShape(4, 4, 4)),
+            Workload(batch, 1, 2048, weight_bytes), V4)
+
+
+def test_overlap_model_adds_and_overlaps_the_documented_terms():
+    for overlap in (0.0, 0.5, 1.0):
+        x = expected_time(*_decode(), params=_params(comm_overlap=overlap))
+        assert x.concurrent_s == pytest.approx(max(x.matmul_s, x.weight_load_s,
+                                                   x.weight_gather_s + x.comm_hidden_s))
+        assert x.step_s == pytest.approx(x.concurrent_s + x.comm_exposed_s + x.latency_s
+                                         + x.kv_load_s + x.overhead_s)
+    none = expected_time(*_decode(), params=_params(comm_overlap=0.0))
+    full = expected_time(*_decode(), params=_params(comm_overlap=1.0))
+    assert none.comm_hidden_s == 0 and full.comm_hidden_s > 0
+    assert full.comm_exposed_s > 0  # the all-to-alls of batch-sharded attention always add
+    heads = expected_time(*_decode("heads"), params=_params(comm_overlap=1.0))
+    assert heads.comm_exposed_s == 0 and heads.kv_load_s > 10 * full.kv_load_s  # §6.3
+    prefill = expected_time(PRESETS["palm-540b"],
+                            PhasePlan("prefill", "wg-xyz", "batch", MeshShape(4, 4, 4)),
+                            Workload(512, 2048, 2048, 2.0), V4)
+    assert 0 < prefill.weight_gather_s < prefill.matmul_s  # gathered a layer ahead (§5.3)
+    assert prefill.concurrent_s == prefill.matmul_s and prefill.comm_exposed_s == 0
+    assert prefill.step_s > prefill.roofline_s
+
+
+def test_weight_precision_and_hbm_fraction():
+    """§7.3: int8 halves the weight bytes; the weight read runs at hbm_fraction of 1.2 TB/s."""
+    int8 = expected_time(*_decode(weight_bytes=1.0))
+    bf16 = expected_time(*_decode(weight_bytes=2.0))
+    assert bf16.weight_load_s == pytest.approx(2 * int8.weight_load_s)
+    assert int8.weight_load_s == pytest.approx(int8.roofline.weight_load_s / FITTED.hbm_fraction)
+    assert bf16.step_s > int8.step_s
+
+
+def test_fit_reproduces_the_stored_values_within_bounds():
+    params, rms = fit(V4)
+    for f in FIT_FIELDS:
+        lo, hi = BOUNDS[f]
+        assert lo <= getattr(params, f) <= hi and lo <= getattr(FITTED, f) <= hi
+        assert getattr(params, f) == pytest.approx(getattr(FITTED, f), rel=0.05, abs=1e-7), f
+    assert params.matmul_peak_fraction <= 1 and params.link_fraction <= 1
+    assert rms < 0.05
+    for p in paper_points():
+        if p.fitted:
+            terms = point_terms(p, V4)
+            assert predict(terms, params)[0] == pytest.approx(predict(terms, FITTED)[0],
+                                                              rel=0.01)
+
+
+TARGET = {"§10.1 Table 2": 0.15, "§10.2 Table 3": 0.15, "§6.7": 0.20}
+
+
+def test_stored_fit_meets_the_issue_targets_and_improves_on_the_roofline():
+    checked = 0
+    for p in paper_points():
+        if not p.fitted or p.source not in TARGET:
+            continue
+        expected, roofline = predict(point_terms(p, V4), FITTED)
+        assert abs(expected / p.published_s - 1) <= TARGET[p.source], p.name
+        assert abs(expected - p.published_s) < abs(roofline - p.published_s), p.name
+        checked += 1
+    assert checked == 16  # Tables 2-3 (8) and Figure 8's multiquery lines (8)
+
+
+def _best(model, phase, chips, batch, weight_bytes, meshes=None):
+    wl = Workload(batch, 2048 if phase == "prefill" else 1, 2048, weight_bytes)
+    return plan_phase(PRESETS[model], phase, chips, wl, V4, meshes=meshes,
+                      nominal_params=NOMINAL_PARAMS[model])
+
+
+@pytest.mark.parametrize("model, phase, chips, batch, weight_bytes, layout", [
+    ("palm-540b", "prefill", 64, 1, 1.0, "2d-ws/heads"),   # Table 2 (§10.1)
+    ("palm-540b", "decode", 64, 64, 1.0, "2d-ws/batch"),
+    ("palm-540b", "prefill", 64, 512, 2.0, "wg-xyz/batch"),
+    ("palm-540b", "decode", 64, 512, 2.0, "2d-ws/batch"),
+    ("palm-62b", "prefill", 16, 1, 1.0, "2d-ws/heads"),    # Table 3 (§10.2)
+    ("palm-62b", "decode", 16, 32, 1.0, "2d-ws/batch"),
+    ("palm-62b", "prefill", 32, 512, 2.0, "wg-xyz/batch"),
+])
+def test_planner_reproduces_the_tables_layouts(model, phase, chips, batch, weight_bytes, layout):
+    best = _best(model, phase, chips, batch, weight_bytes, [paper_mesh_shape(chips)]).best
+    assert f"{best.plan.layout}/{best.plan.attention}" == layout
+    assert best.expected.step_s >= best.estimate.step_time_s
+
+
+def test_high_throughput_prefill_gathers_over_all_axes_on_any_mesh():
+    """Table 2's WG-XYZ at 512 x 2048 on 64 chips; the roofline ranks WG-XY first (its additive
+    weight gathers), the expected time hides them under the matmuls (§5.3, §7.2)."""
+    result = _best("palm-540b", "prefill", 64, 512, 2.0)
+    assert (result.best.plan.layout, result.best.plan.attention) == ("wg-xyz", "batch")
+    cube = [MeshShape(4, 4, 4)]
+    xy = _best("palm-540b", "prefill", 64, 512, 2.0, cube)
+    by_layout = {c.plan.layout: c for c in (xy.best,) + xy.runners_up}
+    assert by_layout["wg-xy"].estimate.step_time_s < by_layout["wg-xyz"].estimate.step_time_s
+    assert by_layout["wg-xyz"].expected.step_s < by_layout["wg-xy"].expected.step_s
+
+
+def test_eight_chip_decode_disagrees_with_table3_as_section_5_2_predicts():
+    """Table 3 decodes PaLM 62B on 8 chips with 2D WS; §5.2: 2D WS is more communication-
+    efficient only when n > 16 (for F = 4E). On 2x2x2 the model picks 1D WS, 2D within 15%."""
+    result = _best("palm-62b", "decode", 8, 512, 2.0, [MeshShape(2, 2, 2)])
+    assert result.best.plan.layout == "1d-ws"
+    two_d = next(c for c in result.runners_up if c.plan.layout == "2d-ws")
+    assert 1.0 < two_d.expected.step_s / result.best.expected.step_s < 1.15
+    assert two_d.expected.comm_exposed_s > result.best.expected.comm_exposed_s
+
+
+def test_plan_reports_roofline_and_expected(capsys):
+    assert main(["plan", "--model", "palm-540b", "--hardware", "tpu-v4", "--chips", "64",
+                 "--context", "2048", "--batch", "64", "--phase", "decode", "--weights", "int8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["expected_step_s"] > out["roofline_step_s"] == out["step_time_s"]
+    assert out["expected_step_s"] * 64 == pytest.approx(1.82, rel=0.15)  # Table 2 (§10.1)
+    assert set(out["expected_breakdown"]) >= {"matmul_s", "kv_load_s", "latency_s"}
