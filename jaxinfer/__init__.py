@@ -13,9 +13,11 @@ from jaxinfer.cache import KVCache
 from jaxinfer.config import ConfigError, ModelConfig, RopeScaling
 from jaxinfer.generate import GenerationResult
 from jaxinfer.hf_weights import CheckpointError
-from jaxinfer.sampling import SamplingConfig
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.sampling import SamplingConfig, SamplingParams
 from jaxinfer.validation import InvalidArgument
 
 __all__ = ["load", "Model", "ModelConfig", "RopeScaling", "KVCache", "GenerationResult",
-           "SamplingConfig", "ConfigError", "CheckpointError", "InvalidArgument"]
+           "SamplingConfig", "SamplingParams", "Engine", "EngineConfig", "ConfigError",
+           "CheckpointError", "InvalidArgument"]
 __version__ = "0.1.0"

@@ -15,12 +15,13 @@ from jaxinfer import builtin, checkpoint, hf_weights, placement, quant, validati
 from jaxinfer.cache import KVCache
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.generate import GenerationResult, Generator
 from jaxinfer.hf_weights import CheckpointError
 from jaxinfer.model import Runtime
 from jaxinfer.params import Params, abstract_params, init_params, param_bytes
 from jaxinfer.programs import Programs
-from jaxinfer.sampling import SamplingConfig
+from jaxinfer.sampling import SamplingConfig, SamplingParams
 from jaxinfer.sharding import PhaseSharding
 from jaxinfer.tokenizer import Tokenizer
 from partitioning.execution import plan_shardings
@@ -141,11 +142,22 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
-                 stop_tokens: Sequence[int] | None = None, seed: int = 0) -> GenerationResult:
+                 stop_tokens: Sequence[int] | None = None, seed: int = 0,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 engine: Engine | None = None) -> GenerationResult:
         """Generate continuations of ragged prompts (token-id lists, or text with a tokenizer).
 
         stop_tokens=None stops at the checkpoint's EOS id(s); [] never stops early.
+        params (one `SamplingParams` for all prompts, or one per prompt) or engine (from
+        `Model.engine`) run the continuous-batching engine instead of one static batch; with
+        params the sampling keywords must stay at their defaults (seed still applies to requests
+        whose params.seed is None). The result is then an `EngineResult` (with `stats`).
         """
+        if params is not None or engine is not None:
+            keywords = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                            stop_tokens=stop_tokens)
+            return self._engine_generate(prompts, params, engine, keywords, seed)
         sampling_args = validation.sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         max_new_tokens, seed = validation.max_new_tokens(max_new_tokens), validation.seed(seed)
         stop_tokens = validation.stop_tokens(stop_tokens)
@@ -161,6 +173,23 @@ class Model:
             text = [self.tokenizer.decode(t) for t in result.tokens]
             result = dataclasses.replace(result, text=text)
         return result
+
+    def engine(self, config: EngineConfig | None = None) -> Engine:
+        """A continuous-batching engine over this model (one device; `jaxinfer.engine`)."""
+        return Engine(self, config)
+
+    def _engine_generate(self, prompts, params, engine, keywords: dict, seed):
+        if engine is None:
+            engine = self.engine()
+        elif not isinstance(engine, Engine) or engine.model is not self:
+            raise validation.fail("engine", engine, "an Engine made by this model's engine()")
+        if params is None:
+            params = SamplingParams(**keywords)
+        elif SamplingParams(**keywords) != SamplingParams():
+            raise validation.InvalidArgument(
+                "pass either params= or the sampling keywords (max_new_tokens, temperature, "
+                "top_k, top_p, min_p, repetition_penalty, stop_tokens), not both")
+        return engine.generate(prompts, params, seed=seed)
 
     def save(self, path: str, overwrite: bool = False) -> None:
         """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly.
@@ -194,6 +223,26 @@ def compiled_hlo(config: ModelConfig, phase: str, batch: int, context: int,
                  attention_backend: str = "xla") -> str:
     """`Model.compiled_hlo` of a model that is never materialized: the programs are lowered
     from the parameters' shapes and shardings (any size of model; planning and audits)."""
+    program, args = _abstract_step(config, phase, batch, context, prompt_len, dtype, quantize,
+                                   group_size, kv_cache, plan, mesh, attention_backend)
+    return program.lower(*args).compile().as_text()
+
+
+def export_step(config: ModelConfig, phase: str, batch: int, context: int,
+                prompt_len: int | None = None, *, platform: str, dtype="bfloat16",
+                quantize: str | None = None, group_size: int | None = None,
+                kv_cache: str | None = None, plan=None, mesh=None,
+                attention_backend: str = "auto") -> jax.export.Exported:
+    """The same step exported (`jax.export`) for `platform` ("tpu", "cuda"): checks from any
+    host that the partitioned program, its Mosaic / Triton kernels included, lowers there."""
+    program, args = _abstract_step(config, phase, batch, context, prompt_len, dtype, quantize,
+                                   group_size, kv_cache, plan, mesh, attention_backend)
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    return jax.export.export(program, platforms=[platform], disabled_checks=[triton])(*args)
+
+
+def _abstract_step(config, phase, batch, context, prompt_len, dtype, quantize, group_size,
+                   kv_cache, plan, mesh, attention_backend):
     dtype = _check_dtype(dtype)
     qc = None if quantize is None else quant.QuantConfig.from_mode(quantize, group_size)
     if kv_cache not in KV_CACHE_MODES:
@@ -205,7 +254,7 @@ def compiled_hlo(config: ModelConfig, phase: str, batch: int, context: int,
                           abstract, placement.param_shardings(config, qc, shardings[1]))
     cache_dtype = jnp.int8 if kv_cache == "int8" else dtype
     generator = _generator(config, shardings, attention_backend, qc, cache_dtype)
-    return generator.lowered(params, phase, batch, context, prompt_len).compile().as_text()
+    return generator.step_program(params, phase, batch, context, prompt_len)
 
 
 def _shardings(cfg: ModelConfig, plan, mesh) -> tuple[PhaseSharding, PhaseSharding]:

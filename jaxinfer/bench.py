@@ -111,22 +111,22 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
 
 
 def run_jaxinfer(path: str, row: Row, prompts: np.ndarray, new_tokens: int,
-                 bandwidth: float, layer_loop: str, quantize: str | None) -> None:
+                 bandwidth: float, quantize: str | None) -> None:
     previous = jax.config.jax_enable_compilation_cache
     # The first call compiles from scratch: programs in the persistent cache (an earlier run's)
     # would turn "compile s" into a cache read. Warm start-up is measured by `measure_ttft`.
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-        _run_jaxinfer(path, row, prompts, new_tokens, bandwidth, layer_loop, quantize)
+        _run_jaxinfer(path, row, prompts, new_tokens, bandwidth, quantize)
     finally:
         jax.config.update("jax_enable_compilation_cache", previous)
 
 
 def _run_jaxinfer(path: str, row: Row, prompts: np.ndarray, new_tokens: int,
-                  bandwidth: float, layer_loop: str, quantize: str | None) -> None:
+                  bandwidth: float, quantize: str | None) -> None:
     import jaxinfer
 
-    model = jaxinfer.load(path, dtype="float32", layer_loop=layer_loop, quantize=quantize)
+    model = jaxinfer.load(path, dtype="float32", quantize=quantize)
     token_lists = prompts.tolist()
     kwargs = dict(max_new_tokens=new_tokens, stop_tokens=[], temperature=0.0)
     _reset_peak_rss()
@@ -175,14 +175,14 @@ def run_hf(path: str, row: Row, prompts: np.ndarray, new_tokens: int) -> None:
 _TTFT_PROGRAM = """
 import sys, time
 import jaxinfer
-model = jaxinfer.load(sys.argv[1], layer_loop=sys.argv[2])
+model = jaxinfer.load(sys.argv[1])
 t0 = time.perf_counter()
 model.generate([list(range(3, 35))], max_new_tokens=1, stop_tokens=[])
 print(time.perf_counter() - t0)
 """
 
 
-def measure_ttft(path: str, layer_loop: str) -> tuple[float, float]:
+def measure_ttft(path: str) -> tuple[float, float]:
     """Time-to-first-token of a 32-token prompt in a fresh process: (cold, warm persistent cache)."""
     import subprocess
     import sys
@@ -191,7 +191,7 @@ def measure_ttft(path: str, layer_loop: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, JAXINFER_COMPILATION_CACHE=cache_dir)
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", _TTFT_PROGRAM, path, layer_loop], env=env,
+            out = subprocess.run([sys.executable, "-c", _TTFT_PROGRAM, path], env=env,
                                  capture_output=True, text=True, check=True)
             times.append(float(out.stdout.strip().splitlines()[-1]))
     return times[0], times[1]
@@ -233,7 +233,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--layer-loop", default="unrolled", choices=["unrolled", "scan"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="jaxinfer weight quantization (Hugging Face stays float32)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
@@ -267,8 +266,7 @@ def _bench_and_print(args) -> int:
             row = Row(batch=b)
             prompts = _prompts(b, args.prompt_len, vocab, seed=b)
             progress.update(task, description=f"jaxinfer batch {b}")
-            run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.layer_loop,
-                         args.quantize)
+            run_jaxinfer(path, row, prompts, args.new_tokens, bandwidth, args.quantize)
             progress.advance(task)
             if not args.no_hf:
                 progress.update(task, description=f"transformers batch {b}")
@@ -276,7 +274,7 @@ def _bench_and_print(args) -> int:
             progress.advance(task)
             rows.append(row)
         progress.update(task, description="time to first token (2 fresh processes)")
-        ttft = measure_ttft(path, args.layer_loop)
+        ttft = measure_ttft(path)
         progress.advance(task)
     if leader:
         print_table(rows, args, bandwidth, ttft)

@@ -29,7 +29,8 @@ from jaxinfer.hf_weights import CheckpointError, SafetensorsReader, convert_hf_w
 from jaxinfer.params import Params, abstract_params
 
 JAXINFER_META = "jaxinfer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``layers`` is a list of per-layer weight dicts (1, before: weights stacked [L, ...])."""
 
 
 def is_jaxinfer_checkpoint(path: str) -> bool:
@@ -155,6 +156,10 @@ def _move_into_place(tmp: str, path: str) -> None:
 
 def _read_jaxinfer_meta(path: str) -> tuple[ModelConfig, dict]:
     meta = _read_json(os.path.join(path, JAXINFER_META))
+    if meta.get("format") == "jaxinfer" and meta.get("version") == 1:
+        raise CheckpointError(f"{path}: a version-1 jaxinfer checkpoint (layer weights stacked "
+                              f"[layers, ...]); this jaxinfer reads version {FORMAT_VERSION} "
+                              "(one entry per layer): load its source checkpoint and save again")
     if meta.get("format") != "jaxinfer" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported jaxinfer checkpoint format "
                               f"{meta.get('format')!r} version {meta.get('version')!r}")

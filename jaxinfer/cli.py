@@ -12,7 +12,7 @@ import math
 import sys
 import traceback
 
-from jaxinfer import distributed
+from jaxinfer import bench, cli_plan, distributed
 from jaxinfer.config import ConfigError
 from jaxinfer.generate import NonFiniteLogitsError
 from jaxinfer.hf_weights import CheckpointError
@@ -212,27 +212,8 @@ def _print_results(args, result) -> None:
 
 
 # Each entry adds one subcommand parser and binds its handler with `set_defaults(handler=...)`.
-# Other packages' subcommands (e.g. `partitioning.cli`) are appended here as they land.
-def add_bench_parser(sub) -> None:
-    from jaxinfer import bench
-
-    bench.add_bench_parser(sub)
-
-
-def add_plan_parser(sub) -> None:
-    from partitioning import cli as partitioning_cli  # partitioning imports jaxinfer
-
-    partitioning_cli.add_plan_parser(sub)
-
-
-def add_calibrate_parser(sub) -> None:
-    from partitioning import cli as partitioning_cli
-
-    partitioning_cli.add_calibrate_parser(sub)
-
-
-SUBCOMMAND_BUILDERS = (add_generate_parser, add_bench_parser, add_plan_parser,
-                       add_calibrate_parser)
+SUBCOMMAND_BUILDERS = (add_generate_parser, bench.add_bench_parser, cli_plan.add_plan_parser,
+                       cli_plan.add_calibrate_parser)
 
 
 DEBUG_HELP = "on an error, print the full traceback too"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxinfer import model as model_lib
 from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
-from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.sampling import DeviceSampling, sample, seed_key
 
 MAX_STOP_TOKENS = 32
 """Stop-token ids are passed as a fixed-size array padded with -1 (one program for any count)."""
@@ -40,7 +40,7 @@ class SamplingState:
     running: jax.Array       # scalar bool: some row of the whole batch is not done
 
 
-def _record(state: SamplingState, logits, sp: SamplingParams, stop_ids, max_new,
+def _record(state: SamplingState, logits, sp: DeviceSampling, stop_ids, max_new,
             rt: model_lib.Runtime) -> SamplingState:
     """Sample from logits [b, V] at state.step, store the tokens, update the stop conditions."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(
@@ -66,7 +66,7 @@ def _record(state: SamplingState, logits, sp: SamplingParams, stop_ids, max_new,
         running=running > 0)
 
 
-def decode_body(params, state: SamplingState, sp: SamplingParams, stop_ids, max_new,
+def decode_body(params, state: SamplingState, sp: DeviceSampling, stop_ids, max_new,
                 cfg: ModelConfig, rt: model_lib.Runtime) -> SamplingState:
     """One step of the loop: decode the last tokens, advance the running rows, sample."""
     logits, cache = model_lib.decode_step(params, state.last, state.cache, cfg, rt)
@@ -81,16 +81,7 @@ def _seen_from_prompts(tokens: jax.Array, lengths: jax.Array, vocab: int) -> jax
     return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(valid)
 
 
-def _seed_key(seed) -> jax.Array:
-    """The PRNG key of a 64-bit seed given as uint32 [2] (low, high) halves: `key(low)` when the
-    high half is 0, else that key folded with the high half."""
-    low = jax.random.key(seed[0])
-    return jax.random.wrap_key_data(jnp.where(
-        seed[1] == 0, jax.random.key_data(low),
-        jax.random.key_data(jax.random.fold_in(low, seed[1]))))
-
-
-def initial_state(first_logits, prompts, cache: KVCache, n, seed, sp: SamplingParams, stop_ids,
+def initial_state(first_logits, prompts, cache: KVCache, n, seed, sp: DeviceSampling, stop_ids,
                   max_new, out_len: int, cfg: ModelConfig, rt: model_lib.Runtime):
     """The state after sampling the first token; the cache grows to prompt + `out_len` slots."""
     b = prompts.shape[0]
@@ -103,12 +94,12 @@ def initial_state(first_logits, prompts, cache: KVCache, n, seed, sp: SamplingPa
         seen=_seen_from_prompts(prompts, cache.lengths, cfg.vocab_size),
         last=jnp.zeros((b,), jnp.int32), cache=cache.extend(cache.max_len + out_len),
         row_keys=jax.random.key_data(
-            jax.vmap(jax.random.fold_in, in_axes=(None, 0))(_seed_key(seed), rows)),
+            jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key(seed), rows)),
         running=jnp.bool_(True))
     return _record(state, first_logits, sp, stop_ids, max_new, rt)
 
 
-def decode_loop(params, first_logits, prompts, cache: KVCache, n, seed, sp: SamplingParams,
+def decode_loop(params, first_logits, prompts, cache: KVCache, n, seed, sp: DeviceSampling,
                 stop_ids, max_new, out_len: int, cfg: ModelConfig, rt: model_lib.Runtime):
     """The whole generation after prefill -> (tokens [b, O], logprobs [b, O], num_generated [b],
     stopped [b], nonfinite_step [b]): only what `generate` reads leaves the program."""

@@ -21,7 +21,7 @@ import numpy as np
 from jaxinfer import decode_loop as loop_lib
 from jaxinfer import placement
 from jaxinfer.cache import KVCache
-from jaxinfer.programs import Programs
+from jaxinfer.programs import Programs, state_specs
 from jaxinfer.sampling import SamplingConfig
 
 MIN_PROMPT_BUCKET = 16
@@ -174,13 +174,19 @@ class Generator:
     # ---- introspection -------------------------------------------------------------------------
     def lowered(self, params, phase: str, batch: int, context: int, prompt_len: int | None):
         """The lowered program `generate` runs for this shape bucket (decode: one loop step)."""
+        program, args = self.step_program(params, phase, batch, context, prompt_len)
+        return program.lower(*args)
+
+    def step_program(self, params, phase: str, batch: int, context: int,
+                     prompt_len: int | None):
+        """(jitted program, abstract arguments) of the step `generate` runs for this bucket."""
         batch = self.batch_bucket(batch)
         if phase == "prefill":
             t_len = self.prompt_bucket(prompt_len or context)
             sh = self.prefill_sh
             args = (params, _abstract((batch, t_len), jnp.int32, sh.row_spec(1), sh),
                     _abstract((batch,), jnp.int32, sh.row_spec(), sh))
-            return self.programs.prefill.lower(*args)
+            return self.programs.prefill, args
         if phase != "decode":
             raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         sp = SamplingConfig().device_params()
@@ -193,8 +199,11 @@ class Generator:
             last=jnp.zeros((batch,), jnp.int32),
             cache=KVCache.init(self.cfg, batch, context, self.programs.cache_dtype),
             row_keys=jnp.zeros((batch, 2), jnp.uint32), running=jnp.bool_(True)))
-        step = self.programs.decode_step(state, sp)
-        return step.lower(params, state, sp, stop_array([]), jnp.int32(1))
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             state, placement.named(state_specs(state, self.decode_sh),
+                                                    self.decode_sh))
+        return self.programs.decode_step(state, sp), (params, state, sp, stop_array([]),
+                                                      jnp.int32(1))
 
 
 def _abstract(shape, dtype, spec, sh):

@@ -12,15 +12,17 @@ import jax.numpy as jnp
 from jaxinfer import rope
 from jaxinfer.config import ModelConfig
 from pallas_kernels import QuantizedWeight, quantized_matmul
+from pallas_kernels._dispatch import resolve_attention_backend
 
 
-def project(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+def project(spec: str, x: jax.Array, w, out_dtype=None, backend: str = "auto") -> jax.Array:
     """The einsum `spec` of activations x and a weight w, a float array or a `QuantizedWeight`.
 
     Every projection goes through here, so a quantized model runs the same model code. For a
     `QuantizedWeight` the spec must contract x's trailing axes with w's leading axes and output x's
     other axes then w's other axes (e.g. "btnh,nhd->btd"); x is flattened to [M, Kc] and multiplied
-    by `pallas_kernels.quantized_matmul` (platform kernel, XLA on CPU).
+    by `pallas_kernels.quantized_matmul` with `backend` (as the attention backends: "auto",
+    "xla", "tpu", "gpu", or "tpu-interpret" / "gpu-interpret").
     """
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
@@ -43,7 +45,9 @@ def project(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
         w = w.replace(group_size=w.contract_size)
     if out_dtype is not None:
         x = x.astype(out_dtype)
-    y = quantized_matmul(x.reshape(-1, w.contract_size), w.matrix(), backend="auto")
+    kernel, interpret = resolve_attention_backend(backend, False)
+    y = quantized_matmul(x.reshape(-1, w.contract_size), w.matrix(),
+                         backend="auto" if backend == "auto" else kernel, interpret=interpret)
     return y.reshape(x.shape[:len(batch_axes)] + w.out_shape)
 
 

@@ -100,6 +100,11 @@ def _gather_weights(p, dims, gathered):
     return jax.tree.map(gather, p, dims, is_leaf=lambda x: isinstance(x, jax.Array))
 
 
+def _project(spec: str, x, w, rt: Runtime, out_dtype=None):
+    """`layers.project` with the runtime's kernel backend (quantized weights)."""
+    return layers.project(spec, x, w, out_dtype, rt.attention_backend)
+
+
 # ---- norms, embedding, logits -----------------------------------------------------------------
 def _norm(h, p, cfg: ModelConfig, x_axes):
     """Norm over d_model; with d_model split over x (2D) the statistics are all-reduced there."""
@@ -143,7 +148,7 @@ def _logits(x, weights, cfg: ModelConfig, rt: Runtime):
     if cfg.tie_embeddings:  # table [V/Mv, D/X]
         part = jnp.einsum("btd,vd->btv", h, weights["embed"], preferred_element_type=jnp.float32)
     else:
-        part = layers.project("btd,dv->btv", h, weights["unembed"], jnp.float32)
+        part = _project("btd,dv->btv", h, weights["unembed"], rt, jnp.float32)
     # part [b, T, V/Mv] is partial over x
     part = _reduce_scatter(part, lc.x_axes, 2)  # [b, T, V/(Mv X)]
     return _all_gather(part, _vocab_axes(rt) + lc.x_axes, 2)
@@ -165,8 +170,8 @@ def _layer(p, x, rope, attend, carry, layer, cfg: ModelConfig, rt: Runtime):
 def _feed_forward(h, p, cfg: ModelConfig, rt: Runtime):
     """h [b, T, E/X] -> [b, T, E/X], partial over the model axes (§5.2 steps 2-6)."""
     xs = rt.lc.x_axes
-    up = layers.project("btd,df->btf", h, p["w_up"])  # [b, T, F/M] partial over x
-    gate = layers.project("btd,df->btf", h, p["w_gate"]) if cfg.gated_ffn else None
+    up = _project("btd,df->btf", h, p["w_up"], rt)  # [b, T, F/M] partial over x
+    gate = _project("btd,df->btf", h, p["w_gate"], rt) if cfg.gated_ffn else None
     if xs:
         pre = up if gate is None else jnp.stack([gate, up])
         pre = jax.lax.psum_scatter(pre, xs, scatter_dimension=pre.ndim - 1, tiled=True)
@@ -174,7 +179,7 @@ def _feed_forward(h, p, cfg: ModelConfig, rt: Runtime):
     act = layers.activation(up if gate is None else gate, cfg.activation)
     hidden = act if gate is None else act * up
     hidden = _all_gather(hidden, xs, 2)  # [b, T, F/M]
-    return layers.project("btf,fd->btd", hidden, p["w_down"])
+    return _project("btf,fd->btd", hidden, p["w_down"], rt)
 
 
 def _first_x(dtype, rt: Runtime):
@@ -188,9 +193,9 @@ def _attention(h, p, rope, attend, carry, layer, cfg: ModelConfig, rt: Runtime):
     """h [b, T, E/X] -> attention output projected, [b, T, E/X] partial over the model axes."""
     lc = rt.lc
     xs = lc.x_axes
-    q = layers.project("btd,dnh->btnh", h, p["wq"])  # [b, T, N/M, H] partial over x
-    k = layers.project("btd,dkh->btkh", h, p["wk"])  # [b, T, K/Mk, H] partial over x
-    v = layers.project("btd,dkh->btkh", h, p["wv"])
+    q = _project("btd,dnh->btnh", h, p["wq"], rt)  # [b, T, N/M, H] partial over x
+    k = _project("btd,dkh->btkh", h, p["wk"], rt)  # [b, T, K/Mk, H] partial over x
+    v = _project("btd,dkh->btkh", h, p["wv"], rt)
     if cfg.qkv_bias:
         one = _first_x(h.dtype, rt)
         q, k, v = q + one * p["bq"], k + one * p["bk"], v + one * p["bv"]
@@ -207,7 +212,7 @@ def _attention(h, p, rope, attend, carry, layer, cfg: ModelConfig, rt: Runtime):
     if lc.attention == "batch" and lc.q_heads:
         out = jax.lax.all_to_all(out, lc.q_heads, 2, 0, tiled=True)  # batch -> heads
     out = _all_gather(out, xs, 2)  # [b, T, N/M, H]
-    return layers.project("btnh,nhd->btd", out, p["wo"]), carry
+    return _project("btnh,nhd->btd", out, p["wo"], rt), carry
 
 
 def _kv_to_batch(k, rt: Runtime):
@@ -283,18 +288,18 @@ the attention of one layer on this chip's attention rows (b_a; RoPE applied), th
 
 
 def forward(params, tokens, positions, attend: Attend, carry, cfg: ModelConfig, rt: Runtime,
-            last: jax.Array | None = None):
+            select: jax.Array | None = None):
     """tokens [b, T] at positions [b, T] through the decoder -> (float32 logits, carry): logits
-    [b, T, V] for every position, or [b, V] of position `last` [b] of each row only."""
+    [b, T, V] of every position, or [b, R, V] of the R positions `select` [b, R] (indices along
+    T) of each row only."""
     dims = rt.weight_axes(cfg)
     weights = _global_weights(params, rt, dims)
     x = _embed(weights, tokens, cfg, rt)
     x, carry = _run_layers(params, x, layers.rope_tables(positions, cfg), attend, carry, cfg,
                            rt, dims)
-    if last is None:
-        return _logits(x, weights, cfg, rt), carry
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, e]
-    return _logits(x, weights, cfg, rt)[:, 0], carry
+    if select is not None:
+        x = jnp.take_along_axis(x, select[:, :, None], axis=1)  # [b, R, e]
+    return _logits(x, weights, cfg, rt), carry
 
 
 def _prompt_positions(tokens):
@@ -313,10 +318,10 @@ def prefill(params, tokens, lengths, cfg: ModelConfig, rt: Runtime, cache_dtype)
     a `KVCache` of exactly the prompt bucket, T positions, in its attention rows)."""
     attend = _self_attention(attention_rows(lengths, rt), cfg, rt)
     logits, kv = forward(params, tokens, _prompt_positions(tokens), attend, (), cfg, rt,
-                         last=lengths - 1)
+                         select=(lengths - 1)[:, None])
     cache = KVCache.from_prompt(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths,
                                 quantized=jnp.dtype(cache_dtype) == jnp.int8, dtype=cache_dtype)
-    return logits, cache
+    return logits[:, 0], cache
 
 
 def decode_step(params, tokens, cache: KVCache, cfg: ModelConfig, rt: Runtime):
@@ -335,5 +340,5 @@ def decode_step(params, tokens, cache: KVCache, cfg: ModelConfig, rt: Runtime):
         return out[:, None], cache
 
     logits, cache = forward(params, tokens[:, None], cache.lengths[:, None], attend, cache, cfg,
-                            rt, last=jnp.zeros_like(cache.lengths))
-    return logits, cache
+                            rt)
+    return logits[:, 0], cache

@@ -21,7 +21,7 @@ from jaxinfer import model as model_lib
 from jaxinfer import placement
 from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import DeviceSampling
 
 
 def _shard_map(fn, sh, in_specs, out_specs):
@@ -58,6 +58,8 @@ class Programs:
     """Runtime of the decode loop."""
     cache_dtype: jnp.dtype
     """KV cache dtype (int8: quantized with scales)."""
+    decode_programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """The jitted decode loops built so far, by (output bucket, sampling-filter structure)."""
 
     def param_specs(self, rt: model_lib.Runtime):
         return placement.param_specs(self.cfg, rt.quantization, rt.sharding)
@@ -84,10 +86,16 @@ class Programs:
         return jax.jit(_shard_map(fn, sh, (self.param_specs(rt), sh.row_spec(1), sh.row_spec()),
                                   out))
 
-    @functools.lru_cache(maxsize=None)
     def decode(self, out_len: int, sp_treedef):
-        """(params, first logits [B, V], prompts [B, T], prompt cache, n, seed, sampling params,
-        stop ids [MAX_STOP_TOKENS], max_new) -> (tokens, logprobs, num, stopped, nonfinite)."""
+        """(params, first logits [B, V], prompts [B, T], prompt cache, n, seed [2], sampling
+        params, stop ids [MAX_STOP_TOKENS], max_new) -> (tokens, logprobs, num, stopped,
+        nonfinite): the jitted decode loop for an output bucket and a sampling structure."""
+        key = (out_len, sp_treedef)
+        if key not in self.decode_programs:
+            self.decode_programs[key] = self._decode(out_len, sp_treedef)
+        return self.decode_programs[key]
+
+    def _decode(self, out_len: int, sp_treedef):
         rt, sh = self.decode_rt, self.decode_rt.sharding
         fn = functools.partial(loop_lib.decode_loop, out_len=out_len, cfg=self.cfg, rt=rt)
         out = (sh.row_spec(1), sh.row_spec(1), sh.row_spec(), sh.row_spec(), sh.row_spec())
@@ -95,7 +103,7 @@ class Programs:
                  P(None), _replicated(sp_treedef), P(None), P())
         return jax.jit(_shard_map(fn, sh, specs, out))
 
-    def decode_step(self, state: loop_lib.SamplingState, sp: SamplingParams):
+    def decode_step(self, state: loop_lib.SamplingState, sp: DeviceSampling):
         """One step of the decode loop alone, with the loop's shardings (introspection)."""
         rt, sh = self.decode_rt, self.decode_rt.sharding
         fn = functools.partial(loop_lib.decode_body, cfg=self.cfg, rt=rt)

@@ -25,7 +25,7 @@ from partitioning.hardware import HardwareProfile
 from partitioning.layouts import Layout, resolve
 from partitioning.plan import GATHERED_AXES, PhasePlan
 
-WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,9 @@ class Collective:
     """Executions per step (a layer's collectives run once per layer)."""
     moves: str = "activations"
     """'weights' (a weight-gathered layout's weight all-gathers) or 'activations'."""
+    part: str = "layer"
+    """Where in the step it runs: 'layer' (each decoder layer), 'embedding', 'logits' or 'loop'
+    (the decode loop's condition)."""
 
     @property
     def bytes_per_chip(self) -> float:
@@ -246,8 +249,9 @@ def step_collectives(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> list[Co
     out = [dataclasses.replace(c, count=cfg.n_layers) for c in per_layer]
     out += _embedding_and_logits(cfg, lay, wl)
     if plan.phase == "decode":
-        out += _coll("all-reduce", lay.live(lay.gathered), _sizes(plan), 1, 4.0,
-                     "loop condition: rows still running")
+        out += [dataclasses.replace(c, part="loop") for c in _coll(
+            "all-reduce", lay.live(lay.gathered), _sizes(plan), 1, 4.0,
+            "loop condition: rows still running")]
     return [dataclasses.replace(c, dcn_group=math.prod(dcn[a] for a in c.axes)) for c in out]
 
 
@@ -295,21 +299,20 @@ def _layer_leaves(cfg: ModelConfig, wl: Workload) -> list:
 
 def _weight_gathers(leaves, lay: Layout) -> list[Collective]:
     """Weight-gathered layouts (§5.3): every stored weight array all-gathered over the gathered
-    axes of each of its dims, one collective per dim (as `jaxinfer.model` gathers them)."""
+    axes of its dims, from its stored shard to its gathered size. (`jaxinfer.model` gathers one
+    dim at a time; the bytes are the same as one gather over all those axes.)"""
     gathered = set(lay.live(lay.gathered))
     if not gathered:
         return []
     rules, sizes = lay.weight_rules(), lay.mesh.as_dict()
     out = []
     for name, shape, names, nbytes in leaves:
-        dims = [rules.mesh_axes(a) for a in names]
-        per_chip = math.prod(shape) / lay.size(tuple(a for d in dims for a in d))
-        for axes in dims:
-            take = tuple(a for a in axes if a in gathered)
-            if take:
-                per_chip *= lay.size(take)  # the output of this gather
-                out += [dataclasses.replace(c, moves="weights")
-                        for c in _coll("all-gather", take, sizes, per_chip, nbytes, name)]
+        axes = tuple(a for n in names for a in rules.mesh_axes(n))
+        take = tuple(a for a in axes if a in gathered)
+        if take:
+            kept = lay.size(tuple(a for a in axes if a not in gathered))
+            out += [dataclasses.replace(c, moves="weights") for c in _coll(
+                "all-gather", take, sizes, math.prod(shape) / kept, nbytes, name)]
     return out
 
 
@@ -326,15 +329,17 @@ def _embedding_and_logits(cfg: ModelConfig, lay: Layout, wl: Workload) -> list[C
     embed_x = tuple(a for a in lay.weight_rules().mesh_axes(ax.EMBED) if a not in gathered)
     x, model = lay.live(lay.x_axes), lay.live(lay.model_axes)
     E, V = cfg.d_model, cfg.vocab_size
-    return (_weight_gathers(globals_, lay)
-            + _coll("reduce-scatter", vocab, sizes, rows * wl.tokens * E / lay.size(embed_x),
-                    wl.act_bytes, "embedding lookup")
-            + _coll("all-gather", model, sizes, rows * tl * E / lay.size(x), wl.act_bytes,
+    embedding = (_weight_gathers(globals_, lay)
+                 + _coll("reduce-scatter", vocab, sizes, rows * wl.tokens * E / lay.size(embed_x),
+                         wl.act_bytes, "embedding lookup"))
+    logits = (_coll("all-gather", model, sizes, rows * tl * E / lay.size(x), wl.act_bytes,
                     "final residual")
-            + _norm_statistics(cfg, lay, wl, tl, norms=1)
-            + _coll("reduce-scatter", x, sizes, rows * tl * V / lay.size(vocab), 4.0,
-                    "logits partial sums")
-            + _coll("all-gather", vocab + x, sizes, rows * tl * V, 4.0, "logits vocab"))
+              + _norm_statistics(cfg, lay, wl, tl, norms=1)
+              + _coll("reduce-scatter", x, sizes, rows * tl * V / lay.size(vocab), 4.0,
+                      "logits partial sums")
+              + _coll("all-gather", vocab + x, sizes, rows * tl * V, 4.0, "logits vocab"))
+    return ([dataclasses.replace(c, part="embedding") for c in embedding]
+            + [dataclasses.replace(c, part="logits") for c in logits])
 
 
 def collective_time(c: Collective, hw: HardwareProfile) -> float:

@@ -202,10 +202,12 @@ def collective_seconds(term: CollectiveTerm, params: EfficiencyParams) -> tuple[
 
 
 def step_terms(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfile,
-               nominal_params: float | None = None) -> StepTerms:
-    """The roofline estimate and the step's collectives priced at full bandwidth."""
+               nominal_params: float | None = None, parts=None) -> StepTerms:
+    """The roofline estimate and the step's collectives priced at full bandwidth; `parts`
+    keeps only the collectives of those parts of the step (`Collective.part`; None: all)."""
     est = estimate(cfg, plan, wl, hw, nominal_params)
-    terms = tuple(collective_term(c, plan, hw) for c in est.collectives)
+    terms = tuple(collective_term(c, plan, hw) for c in est.collectives
+                  if parts is None or c.part in parts)
     return StepTerms(est, matmul_tokens_per_chip(plan, wl), 1 if cfg.parallel_block else 2,
                      cfg.n_layers, terms, 2.0 * (nominal_params or cfg.param_count()),
                      wl.batch * wl.tokens, plan.mesh.n, hw.peak_flops_bf16)

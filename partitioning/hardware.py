@@ -150,12 +150,12 @@ _FIT = ("scripts/fit_cost_model.py on pope2022.md Tables 2-3, Figure 8 (multique
         "§9 (bf16 decode 36.9 ms, offline 73% MFU, serial block +14%): 19 points, RMS log "
         "error 2.6%")
 TPU_V4_EFFICIENCY = EfficiencyParams(
-    matmul_peak_fraction=0.7669, matmul_half_tokens=16.72, hbm_fraction=0.8569,
-    link_fraction=0.1851, collective_latency_s=0.0, hop_latency_s=3.325e-06,
-    block_overhead_s=2.441e-05, step_overhead_s=2.854e-05, comm_overlap=0.5056,
-    sources=(("*", _FIT),
+    matmul_peak_fraction=0.7669, matmul_half_tokens=17.07, hbm_fraction=0.8626,
+    link_fraction=0.1856, collective_latency_s=1.842e-06, hop_latency_s=2.663e-06,
+    block_overhead_s=1.849e-05, step_overhead_s=1.372e-05, comm_overlap=0.5119,
+    sources=(("*", _FIT + "; the paper's layers priced (`efficiency_fit.PAPER_PARTS`)"),
              ("matmul_peak_fraction", _FIT + "; set by the WG-XYZ prefills (76%/73% MFU)"),
-             ("step_overhead_s", _FIT + "; weakly determined (28 µs, < 1% of every point)"),
+             ("step_overhead_s", _FIT + "; weakly determined (< 1% of every point)"),
              ("hbm_fraction", _FIT + "; set by Fig. 8's heads-sharded slope (2.1 µs per cached "
               "token) and int8 vs bf16 decode (28.5 vs 36.9 ms)"),
              ("link_fraction", _FIT + "; of the 270 GB/s interconnect (§2.1)"),

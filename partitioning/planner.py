@@ -77,6 +77,10 @@ def invalid_reason(cfg: ModelConfig, plan: PhasePlan, batch: int) -> str | None:
             return f"batch-sharded attention needs batch ({batch}) divisible by the {n} chips"
     elif plan.layout == "1d-ws" and cfg.n_heads % n:
         return f"{cfg.n_heads} heads are not divisible by the {n} chips"
+    try:  # what execution itself checks (KV-head placement, query-head groups)
+        resolve(plan, cfg)
+    except ShardingError as err:
+        return str(err)
     return None
 
 

@@ -57,13 +57,8 @@ def preset_names() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def resolve_model(name_or_path: str) -> ModelConfig:
-    """A preset by name, or the config of a checkpoint directory (weights are not read)."""
-    if name_or_path in PRESETS:
-        return PRESETS[name_or_path]
-    if os.path.isdir(name_or_path):
-        from jaxinfer import checkpoint
-
-        return checkpoint.read_config(name_or_path)
-    raise ValueError(f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) "
-                     "nor a checkpoint directory")
+def resolve_model(name: str) -> ModelConfig:
+    """A preset by name (checkpoint directories are read by `jaxinfer.cli_plan`)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")

@@ -35,11 +35,11 @@ def _config(args) -> ModelConfig:
                        d_ff=4 * args.d_model, max_context=1024, name="bench")
 
 
-def _model(cfg, dtype, qc, kv_cache, layer_loop) -> Model:
+def _model(cfg, dtype, qc, kv_cache) -> Model:
     params = init_params(cfg, jax.random.key(0), dtype)
     if qc is not None:
         params = quant.quantize_params(params, cfg, qc)
-    return Model(cfg, params, layer_loop=layer_loop, kv_cache=kv_cache, quantization=qc,
+    return Model(cfg, params, kv_cache=kv_cache, quantization=qc,
                  attention_backend="xla")
 
 
@@ -58,19 +58,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layer-loop", default="unrolled", choices=["scan", "unrolled"])
     p.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
     args = p.parse_args(argv)
     cfg = _config(args)
     print(f"# {jax.devices()[0].device_kind}: D={cfg.d_model} F={cfg.d_ff} L={cfg.n_layers} "
-          f"V={cfg.vocab_size} ({cfg.param_count() / 1e6:.1f}M params), layer loop "
-          f"{args.layer_loop}, {args.new_tokens} new tokens")
+          f"V={cfg.vocab_size} ({cfg.param_count() / 1e6:.1f}M params), "
+          f"{args.new_tokens} new tokens")
     print(f"{'variant':<10} {'batch':>5} {'tok/s':>9} {'ms/step':>8} {'param MB':>9} "
           f"{'cache MB':>9}")
     for name, dtype, qc, kv in VARIANTS:
         if name not in args.variants:
             continue
-        model = _model(cfg, dtype, qc, kv, args.layer_loop)
+        model = _model(cfg, dtype, qc, kv)
         for batch in args.batch:
             seconds = _decode_seconds(model, batch, args.new_tokens, args.repeats)
             steps = args.new_tokens - 1  # the first token comes from the prefill logits

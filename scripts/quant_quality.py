@@ -27,8 +27,7 @@ import numpy as np
 
 import jaxinfer
 from jaxinfer import builtin, model as model_lib
-from jaxinfer.cache import KVCache
-from jaxinfer.params import stack_layers
+from jaxinfer.sharding import PhaseSharding
 
 
 def _random_checkpoint() -> str:
@@ -71,16 +70,16 @@ def _nll_forward(model, tokens) -> float:
 @functools.partial(jax.jit, static_argnames=("cfg", "rt", "cache_dtype"))
 def _nll_cached(params, tokens, cfg, rt, cache_dtype):
     b, t = tokens.shape
-    cache = KVCache.init(cfg, b, t, cache_dtype)
-    logits, cache = model_lib.prefill(params, tokens[:, :1], jnp.ones((b,), jnp.int32), cache,
-                                      cfg, rt)
+    logits, cache = model_lib.prefill(params, tokens[:, :1], jnp.ones((b,), jnp.int32), cfg, rt,
+                                      cache_dtype)
+    cache = cache.extend(t)
 
     def step(carry, inputs):
         logits, cache = carry
         token = inputs
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
         logits, cache = model_lib.decode_step(params, token, cache, cfg, rt)
-        return (logits, cache), nll
+        return (logits, cache.replace(lengths=cache.lengths + 1)), nll
 
     _, nll = jax.lax.scan(step, (logits, cache), tokens[:, 1:].T)
     return jnp.mean(nll)
@@ -114,10 +113,10 @@ def main(argv=None) -> int:
     _row("int8 weights", _nll_forward(jaxinfer.load(path, quantize="int8"), tokens))
     int4 = jaxinfer.load(path, quantize="int4", group_size=args.group_size)
     groups = sorted({int(w.group_size) for w in jax.tree.leaves(
-        stack_layers(int4.params), is_leaf=lambda x: hasattr(x, "group_size"))
-        if hasattr(w, "group_size")})
+        int4.params, is_leaf=lambda x: hasattr(x, "group_size")) if hasattr(w, "group_size")})
     _row(f"int4 weights (g{'/'.join(map(str, groups))})", _nll_forward(int4, tokens))
-    cfg, rt, params = float_model.config, float_model.runtime, float_model.params
+    cfg, params = float_model.config, float_model.params
+    rt = model_lib.Runtime(PhaseSharding.single_device())
     tokens_j = jnp.asarray(tokens, jnp.int32)
     _row("float KV (cached)", float(_nll_cached(params, tokens_j, cfg, rt, jnp.float32)))
     _row("int8 KV (cached)", float(_nll_cached(params, tokens_j, cfg, rt, jnp.int8)))

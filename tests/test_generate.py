@@ -7,8 +7,11 @@ import pytest
 
 from jaxinfer import KVCache, Model, ModelConfig
 from jaxinfer import model as model_lib
-from jaxinfer.generate import SamplingState, bucket
+from jaxinfer.generate import bucket
 from jaxinfer.sampling import SamplingConfig
+from jaxinfer.sharding import PhaseSharding
+
+RT = model_lib.Runtime(PhaseSharding.single_device())
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_context=96, eos_token_ids=(7,), name="tiny")
@@ -84,36 +87,52 @@ def test_prompt_buckets_bound_recompiles(model):
     m = Model(CFG, model.params)
     for length in (3, 5, 9, 14):
         m.generate([list(range(1, length + 1))], max_new_tokens=5, stop_tokens=[])
-    assert m._generator._prefill._cache_size() == 1
-    assert m._generator._decode._cache_size() == 1
+    programs = m._generator.programs
+    assert programs.prefill._cache_size() == 1
+    assert len(programs.decode_programs) == 1
     m.generate([list(range(1, 20))], max_new_tokens=5, stop_tokens=[])  # next bucket
-    assert m._generator._prefill._cache_size() == 2
+    assert programs.prefill._cache_size() == 2
+
+
+def test_prefill_does_not_depend_on_the_output_bucket_nor_decode_on_stop_tokens(model):
+    """max_new_tokens 3, 9 and 17 (output buckets 8, 16, 32) share one prefill program; 0, 1 or
+    3 stop tokens share one decode program (stop ids travel as a fixed-size array)."""
+    m = Model(CFG, model.params)
+    for new in (3, 9, 17):
+        m.generate([[1, 2, 3]], max_new_tokens=new, stop_tokens=[])
+    programs = m._generator.programs
+    assert programs.prefill._cache_size() == 1
+    for stops in ([], [5], [5, 6, 7]):
+        m.generate([[1, 2, 3]], max_new_tokens=3, stop_tokens=stops)
+    decode = programs.decode(8, jax.tree.structure(SamplingConfig().device_params()))
+    assert decode._cache_size() == 1
+    with pytest.raises(ValueError, match="at most 32"):
+        m.generate([[1, 2, 3]], max_new_tokens=3, stop_tokens=list(range(33)))
 
 
 def test_sampling_values_do_not_recompile(model):
     m = Model(CFG, model.params)
     for temperature, top_k in ((0.5, 3), (1.0, 8), (2.0, 20)):
         m.generate([[1, 2]], max_new_tokens=4, temperature=temperature, top_k=top_k)
-    assert m._generator._decode._cache_size() == 1
-
-
-def _decode_program_text(model, out_len: int) -> str:
-    gen = model._generator
-    cache = KVCache.init(CFG, 1, 16 + out_len)
-    first, cache = gen._prefill(model.params, jnp.zeros((1, 16), jnp.int32), jnp.array([3]), cache)
-    state = SamplingState(
-        step=jnp.int32(0), tokens=jnp.zeros((1, out_len), jnp.int32),
-        logprobs=jnp.zeros((1, out_len)), done=jnp.zeros((1,), bool),
-        stopped=jnp.zeros((1,), bool), num_generated=jnp.zeros((1,), jnp.int32),
-        seen=jnp.zeros((1, CFG.vocab_size), bool), cache=cache,
-        row_keys=jax.random.split(jax.random.key(0), 1))
-    return gen._decode.lower(model.params, first, state, SamplingConfig().device_params(),
-                             jnp.array([7]), jnp.int32(out_len)).as_text()
+    programs = m._generator.programs
+    assert len(programs.decode_programs) == 1
+    sp = SamplingConfig(temperature=1.0, top_k=3).device_params()
+    assert programs.decode(8, jax.tree.structure(sp))._cache_size() == 1
 
 
 def test_decode_loop_runs_as_one_while_loop(model):
     """The decode program is one XLA while loop: its size does not grow with the token count."""
-    short, long = _decode_program_text(model, 8), _decode_program_text(model, 64)
+    def text(out_len):
+        gen = model._generator
+        sp = SamplingConfig().device_params()
+        program = gen.programs.decode(out_len, jax.tree.structure(sp))
+        first, cache = gen.prefill(model.params, np.zeros((1, 16), np.int32),
+                                   np.array([3], np.int32))
+        return program.lower(model.params, first, np.zeros((1, 16), np.int32), cache,
+                             np.int32(1), np.zeros(2, np.uint32), sp, np.full(32, -1, np.int32),
+                             np.int32(out_len)).as_text()
+
+    short, long = text(8), text(64)
     assert "stablehlo.while" in short
     assert short.count("stablehlo.dot_general") == long.count("stablehlo.dot_general") > 0
 
@@ -122,32 +141,37 @@ def test_decode_step_matches_full_forward(model):
     """Prefill + one cached decode step equals the uncached forward pass at every position."""
     tokens = jnp.array([[4, 8, 15, 16, 23, 42, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
     lengths = jnp.array([6, 8])
-    cache = KVCache.init(CFG, 2, 16)
-    last, cache = model_lib.prefill(model.params, tokens, lengths, cache, CFG)
-    full = model_lib.forward_logits(model.params, tokens, CFG)
+    last, cache = model_lib.prefill(model.params, tokens, lengths, CFG, RT, jnp.float32)
+    cache = cache.extend(16)
+    full = model_lib.forward_logits(model.params, tokens, CFG, RT)
     np.testing.assert_allclose(last[0], full[0, 5], atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 7], atol=1e-5)
     nxt = jnp.array([33, 9])
-    step_logits, cache = model_lib.decode_step(model.params, nxt, cache, CFG)
-    assert cache.lengths.tolist() == [7, 9]
+    step_logits, cache = model_lib.decode_step(model.params, nxt, cache, CFG, RT)
+    assert cache.lengths.tolist() == [6, 8]  # the caller advances the lengths
     ext = jnp.array([[4, 8, 15, 16, 23, 42, 33], [1, 2, 3, 4, 5, 6, 7]])
-    ref0 = model_lib.forward_logits(model.params, ext[:1], CFG)[0, -1]
+    ref0 = model_lib.forward_logits(model.params, ext[:1], CFG, RT)[0, -1]
     ref1 = model_lib.forward_logits(model.params, jnp.concatenate(
-        [tokens[1:], nxt[1:, None]], axis=1), CFG)[0, -1]
+        [tokens[1:], nxt[1:, None]], axis=1), CFG, RT)[0, -1]
     np.testing.assert_allclose(step_logits[0], ref0, atol=1e-5)
     np.testing.assert_allclose(step_logits[1], ref1, atol=1e-5)
 
 
-def test_cache_stores_only_kv_heads():
+def test_cache_stores_only_kv_heads_one_buffer_per_layer():
     mqa = CFG.replace(n_kv_heads=1)
     cache = KVCache.init(mqa, batch=3, max_len=32)
-    assert cache.k.shape == (CFG.n_layers, 3, 1, 32, CFG.head_dim)
+    assert len(cache.k) == CFG.n_layers and cache.k[0].shape == (3, 1, 32, CFG.head_dim)
     full = KVCache.init(CFG.replace(n_kv_heads=4), batch=3, max_len=32)
     assert full.nbytes() - 3 * 4 == 4 * (cache.nbytes() - 3 * 4)
 
 
-def test_prefill_donates_the_cache(model):
-    cache = KVCache.init(CFG, 1, 32)
-    tokens = jnp.zeros((1, 16), jnp.int32)
-    model._generator._prefill(model.params, tokens, jnp.array([4]), cache)
-    assert cache.k.is_deleted()
+def test_decode_returns_only_what_generate_reads(model):
+    """The loop's outputs: tokens, logprobs, counts, stop and non-finite flags; no cache."""
+    gen = model._generator
+    sp = SamplingConfig().device_params()
+    first, cache = gen.prefill(model.params, np.zeros((2, 16), np.int32),
+                               np.array([3, 4], np.int32))
+    out = gen.programs.decode(8, jax.tree.structure(sp))(
+        model.params, first, np.zeros((2, 16), np.int32), cache, np.int32(2),
+        np.zeros(2, np.uint32), sp, np.full(32, -1, np.int32), np.int32(4))
+    assert [x.shape for x in out] == [(2, 8), (2, 8), (2,), (2,), (2,)]

@@ -55,10 +55,20 @@ def test_calibrate_and_cpu_profile(tmp_path, monkeypatch, capsys):
     assert out["bound"] == "memory"  # batch-1 decode streams every weight once per token
 
 
-def test_model_from_checkpoint_dir(family_checkpoints):
-    cfg = resolve_model(family_checkpoints("falcon").path)
-    assert cfg.attention_kind == "multiquery" and cfg.parallel_block
-    with pytest.raises(ValueError, match="unknown model"):
+def test_model_from_checkpoint_dir(family_checkpoints, capsys):
+    """`plan --model CKPT_DIR` reads the config (no weights) and prices the checkpoint's own
+    dtype by default: a float32 HF checkpoint is not priced as bf16 weights."""
+    path = family_checkpoints("falcon").path
+    assert main(["plan", "--model", path, "--hardware", "tpu-v4", "--mesh", "1x1x2",
+                 "--batch", "2", "--phase", "decode", "--context", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mesh"] == {"x": 1, "y": 1, "z": 2}
+    assert main(["plan", "--model", path, "--hardware", "tpu-v4", "--mesh", "1x1x2",
+                 "--batch", "2", "--phase", "decode", "--context", "32", "--json",
+                 "--weights", "bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert out["breakdown"]["weight_load_s"] == pytest.approx(2 * bf16["breakdown"]["weight_load_s"])
+    with pytest.raises(ValueError, match="unknown model preset"):
         resolve_model("palm-9000b")
 
 

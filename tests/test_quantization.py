@@ -25,7 +25,7 @@ import pytest
 import jaxinfer
 from jaxinfer import quant
 from jaxinfer.cache import KVCache, quantize_kv
-from jaxinfer.params import param_specs, stack_layers
+from jaxinfer.params import param_specs
 from pallas_kernels import QuantizedWeight
 
 CORE_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "falcon")
@@ -94,21 +94,24 @@ def test_quantized_tree_layout_and_axes(quantized_models):
     cfg = fm.config
     specs = param_specs(cfg)
     for model, qc in ((m8, quant.QuantConfig(8)), (m4, quant.QuantConfig(4, INT4_GROUP))):
-        params = stack_layers(model.params)
+        params = model.params
         axes = quant.quantized_param_axes(cfg, qc)
         for name in ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down"):
-            qw, spec, ax = params["layers"][name], specs["layers"][name], axes["layers"][name]
+            qw, spec = params["layers"][1][name], specs["layers"][1][name]
+            ax = axes["layers"][1][name]
             assert isinstance(qw, QuantizedWeight) and qw.bits == qc.bits
             assert qw.data.ndim == len(ax.data) and qw.scale.ndim == len(ax.scale)
             # Output axes (and their names) are the float twin's; scales carry them too.
-            n_out = len(spec.shape) - 1 - spec.contract
-            assert qw.data.shape[2:] == spec.shape[-n_out:] == qw.scale.shape[2:]
-            assert ax.data[2:] == spec.axes[-n_out:] == ax.scale[2:]
-            assert ax.data[:2] == spec.axes[:2] and ax.scale[1] is None
+            n_out = len(spec.shape) - spec.contract
+            assert qw.data.shape[1:] == spec.shape[-n_out:] == qw.scale.shape[1:]
+            assert ax.data[1:] == spec.axes[-n_out:] == ax.scale[1:]
+            assert ax.data[0] == spec.axes[0]  # flattened contraction: named after its first axis
+            # the scales' group axis shards with the rows when there are several groups
+            grouped = qw.scale.shape[0] > 1
+            assert ax.scale[0] == (spec.axes[0] if grouped else None)
         assert isinstance(params["unembed"], QuantizedWeight)
         assert params["embed"].dtype == jnp.float32  # the gather table stays float
-    assert stack_layers(m8.params)["layers"]["wo"].data.shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim,
-                                                    cfg.d_model)
+    assert m8.params["layers"][0]["wo"].data.shape == (cfg.n_heads * cfg.head_dim, cfg.d_model)
 
 
 def test_parameter_bytes(family_checkpoints):
@@ -117,10 +120,10 @@ def test_parameter_bytes(family_checkpoints):
     ratios = {}
     for mode, group in (("int8", None), ("int4", INT4_GROUP)):
         model = jaxinfer.load(path, dtype="bfloat16", quantize=mode, group_size=group)
-        float_params, q_params = stack_layers(bf16.params), stack_layers(model.params)
+        float_params, q_params = bf16.params, model.params
         bits = 8 if mode == "int8" else 4
         for name in ("wq", "wo", "w_up", "w_down"):
-            w, qw = float_params["layers"][name], q_params["layers"][name]
+            w, qw = float_params["layers"][0][name], q_params["layers"][0][name]
             assert qw.data.nbytes == w.nbytes * bits // 16  # 1/2 (int8), 1/4 (int4) of bf16
             group_size = qw.group_size
             assert qw.scale.nbytes == 4 * w.size // group_size  # float32 scale per group
@@ -152,30 +155,34 @@ def test_kv_cache_bytes_halve(family_checkpoints):
 
 def test_kv_quantization_written_in_prefill_and_decode(family_checkpoints):
     from jaxinfer import model as model_lib
+    from jaxinfer.sharding import PhaseSharding
 
     fm = family_checkpoints("llama").model
-    cfg, params = fm.config, stack_layers(fm.params)
+    cfg, params = fm.config, fm.params
+    rt = model_lib.Runtime(PhaseSharding.single_device())
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
     lengths = jnp.array([16, 9], jnp.int32)
     caches = {}
     for dtype in (jnp.float32, jnp.int8):
-        cache = KVCache.init(cfg, 2, 32, dtype)
-        logits, cache = model_lib.prefill(params, tokens, lengths, cache, cfg)
-        step_logits, cache = model_lib.decode_step(params, logits.argmax(-1), cache, cfg)
-        caches[dtype] = (cache, step_logits)
+        logits, cache = model_lib.prefill(params, tokens, lengths, cfg, rt, dtype)
+        step_logits, cache = model_lib.decode_step(params, logits.argmax(-1), cache.extend(32),
+                                                   cfg, rt)
+        caches[dtype] = (cache.replace(lengths=cache.lengths + 1), step_logits)
     fcache, flog = caches[jnp.float32]
     qcache, qlog = caches[jnp.int8]
-    assert qcache.k.dtype == jnp.int8 and qcache.k_scale.shape == qcache.k.shape[:-1]
+    assert qcache.k[0].dtype == jnp.int8 and qcache.k_scale[0].shape == qcache.k[0].shape[:-1]
+    stack = lambda buffers: np.stack([np.asarray(b, np.float32) for b in buffers])
     for q, s, f in ((qcache.k, qcache.k_scale, fcache.k), (qcache.v, qcache.v_scale, fcache.v)):
-        deq = np.asarray(q, np.float32) * np.asarray(s)[..., None]
-        err = np.abs(deq - np.asarray(f))
-        bound = np.asarray(s)[..., None] / 2 + 1e-6
+        q, s, f = stack(q), stack(s), stack(f)  # [L, B, K, S(, H)]
+        deq = q * s[..., None]
+        err = np.abs(deq - f)
+        bound = s[..., None] / 2 + 1e-6
         for b, n in enumerate(np.asarray(qcache.lengths)):
             # Prompt positions (prefill, float self-attention) on every layer; the decoded token
             # (position n - 1) on layer 0, whose input does not depend on the cache.
             assert np.all(err[:, b, :, :n - 1] <= bound[:, b, :, :n - 1])
             assert np.all(err[0, b, :, n - 1] <= bound[0, b, :, n - 1])
-            assert np.all(np.asarray(s)[:, b, :, :n] > 0)
+            assert np.all(s[:, b, :, :n] > 0)
     rel = np.linalg.norm(qlog - flog) / np.linalg.norm(flog)
     assert rel < 0.05, rel
     k, scale = quantize_kv(jnp.array([[0.0, 0.0], [1.0, -2.0]]))
@@ -199,15 +206,15 @@ def test_int8_kv_generation_matches_float_cache(family_checkpoints):
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", INT4_GROUP)])
 def test_quantized_checkpoint_round_trips_exactly(family_checkpoints, tmp_path, mode, group):
     path = family_checkpoints("qwen2").path
-    model = jaxinfer.load(path, quantize=mode, group_size=group, layer_loop="unrolled")
+    model = jaxinfer.load(path, quantize=mode, group_size=group)
     out = str(tmp_path / "q")
     model.save(out)
     with open(os.path.join(out, "jaxinfer.json")) as fh:
         assert json.load(fh)["quantization"] == {"bits": 8 if mode == "int8" else 4,
                                                  "group_size": group}
-    loaded = jaxinfer.load(out, layer_loop="scan")
+    loaded = jaxinfer.load(out)
     assert loaded.quantization == model.quantization
-    saved, restored = stack_layers(model.params), loaded.params
+    saved, restored = model.params, loaded.params
     assert jax.tree.structure(saved) == jax.tree.structure(restored)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
         assert a.dtype == b.dtype
@@ -224,7 +231,7 @@ def test_bad_quantization_requests(family_checkpoints):
         jaxinfer.load(ckpt.path, quantize="int3")
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         quant.QuantConfig(bits=3)
-    with pytest.raises(ValueError, match=r"cannot quantize \['layers'\]\['w_down'\]: group_size "
+    with pytest.raises(ValueError, match=r"cannot quantize \['layers'\]\[0\]\['w_down'\]: group_size "
                                          "48 does not divide the contraction dimension 160"):
         jaxinfer.load(ckpt.path, quantize="int4", group_size=48)
     with pytest.raises(ValueError, match="group_size only applies"):
@@ -246,28 +253,3 @@ def test_cli_quantized_generate_verbose(family_checkpoints):
     assert "weights=int8" in proc.stderr and "kv_cache=int8" in proc.stderr
     assert "param_bytes=" in proc.stderr and "cache_bytes=" in proc.stderr
     assert len(proc.stdout.strip().split(",")) == 4
-
-
-@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", INT4_GROUP)])
-def test_quantized_weights_shard_like_float_twins(quantized_models, mode, group):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from jaxinfer import model as model_lib
-
-    fm, m8, m4, seqs, _ = quantized_models("llama")
-    model = m8 if mode == "int8" else m4
-    cfg, params = fm.config, stack_layers(model.params)
-    axes = quant.quantized_param_axes(cfg, model.quantization)
-    rules = {"q_heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"}
-    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
-
-    def place(x, names):
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*[rules.get(n) for n in names])))
-
-    sharded = jax.tree.map(place, params, axes)
-    w_down = sharded["layers"]["w_down"]
-    assert w_down.data.sharding.spec == PartitionSpec(None, "model", None)  # rows of d_ff
-    assert w_down.data.addressable_shards[0].data.shape[1] == w_down.data.shape[1] // 2
-    fwd = jax.jit(lambda p, t: model_lib.forward_logits(p, t, cfg))
-    np.testing.assert_allclose(np.asarray(fwd(sharded, jnp.asarray(seqs[:2]))),
-                               model.logits(seqs[:2]), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Runtime options that must not change results: the layer loop, the persistent compile cache."""
+"""Runtime options that must not change results: the persistent compile cache; the one layer
+representation."""
 
 import os
 import subprocess
@@ -9,66 +10,17 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer.params import stack_layers, unstack_layers
 
 
-def test_unrolled_layers_match_scan(family_checkpoints):
-    for family in ("llama", "falcon"):
-        scan = jaxinfer.load(family_checkpoints(family).path, layer_loop="scan")
-        assert not isinstance(scan.params["layers"], list)
-        unrolled = jaxinfer.load(family_checkpoints(family).path, layer_loop="unrolled")
-        assert isinstance(unrolled.params["layers"], list)
-        assert len(unrolled.params["layers"]) == scan.config.n_layers
-        tokens = np.array([[1, 7, 3, 9, 4], [5, 2, 8, 8, 1]])
-        np.testing.assert_allclose(unrolled.logits(tokens), scan.logits(tokens), atol=2e-5)
-        prompts = [[1, 7, 3], [5, 2, 8, 8, 1, 4]]
-        a = scan.generate(prompts, max_new_tokens=6, stop_tokens=[])
-        b = unrolled.generate(prompts, max_new_tokens=6, stop_tokens=[])
-        assert a.tokens == b.tokens
-
-
-def test_stack_unstack_roundtrip(family_checkpoints):
-    params = stack_layers(family_checkpoints("gemma").model.params)
-    assert isinstance(unstack_layers(params)["layers"], list)
-    again = stack_layers(unstack_layers(params))
-    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_per_layer_cache_writes_match_stacked(dtype):
-    """The unrolled decode loop's per-layer cache buffers hold exactly what the stacked cache
-    holds after the same token writes, scales included."""
-    import jax.numpy as jnp
-
-    from jaxinfer.cache import KVCache
-    from jaxinfer.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2,
-                      head_dim=4, d_ff=32, max_context=8)
-    stacked = KVCache.init(cfg, batch=2, max_len=8, dtype=jnp.dtype(dtype))
-    stacked = stacked.replace(lengths=jnp.array([3, 5], jnp.int32))
-    split = stacked.unstack_layers()
-    assert split.per_layer and len(split.k) == 3 and split.k[0].shape == (2, 2, 8, 4)
-    assert (split.batch, split.max_len) == (stacked.batch, stacked.max_len)
-    rng = np.random.default_rng(0)
-    for layer in (2, 0):
-        k, v = (jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32) for _ in range(2))
-        stacked, split = stacked.write_token(layer, k, v), split.write_token(layer, k, v)
-    joined = split.stack_layers()
-    assert not joined.per_layer
-    for got, want in zip(jax.tree.leaves(joined), jax.tree.leaves(stacked)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert np.abs(np.asarray(joined.k[2], np.float32)).sum() > 0  # the writes landed
-
-
-def test_auto_layer_loop_unrolls_on_cpu(family_checkpoints):
-    assert jaxinfer.load(family_checkpoints("llama").path).layer_loop == "unrolled"
-
-
-def test_unknown_layer_loop_is_an_error(family_checkpoints):
-    with pytest.raises(ValueError, match="layer_loop"):
-        jaxinfer.load(family_checkpoints("llama").path, layer_loop="sideways")
+def test_layers_and_cache_are_one_buffer_per_layer(family_checkpoints):
+    """One representation: every layer's weights and KV cache are their own arrays (a list /
+    tuple per layer), read and written in place; nothing is stacked."""
+    model = family_checkpoints("llama").model
+    assert isinstance(model.params["layers"], list)
+    assert len(model.params["layers"]) == model.config.n_layers
+    assert model.params["layers"][0]["wq"].ndim == 3  # [D, N, H]: no layers axis
+    cache = jaxinfer.KVCache.init(model.config, 2, 8)
+    assert isinstance(cache.k, tuple) and len(cache.k) == model.config.n_layers
 
 
 _PROGRAM = """

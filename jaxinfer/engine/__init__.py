@@ -1,14 +1,18 @@
-"""Host side of the continuous-batching engine: page pool, prefix cache and step scheduler.
+"""The continuous-batching engine: host scheduler, paged KV pool and jitted device step.
 
-Plain Python + numpy (no JAX): `Scheduler.schedule()` returns a `StepPlan` (page table, kv lengths,
-query offsets, packed tokens and positions) for the device step, `Scheduler.update()` takes the
-sampled tokens back.
+Host side (plain Python + numpy): `Scheduler.schedule()` returns a `StepPlan` (page table, kv
+lengths, query offsets, packed tokens and positions) for the device step, `Scheduler.update()`
+takes the sampled tokens back. Device side (`jaxinfer.engine.device`): the paged pool and one
+jitted step. `Engine(model, EngineConfig).generate(prompts, params)` runs the loop.
 """
 
+from jaxinfer.engine.config import EngineConfig, EngineResult, EngineStats
+from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.pages import PagePool, PagePoolError
 from jaxinfer.engine.plan import Request, RequestState, SchedulerStats, StepPlan
 from jaxinfer.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from jaxinfer.engine.scheduler import Scheduler
 
-__all__ = ["PagePool", "PagePoolError", "PrefixCache", "PrefixCacheStats", "Request",
-           "RequestState", "Scheduler", "SchedulerStats", "StepPlan"]
+__all__ = ["Engine", "EngineConfig", "EngineResult", "EngineStats", "PagePool", "PagePoolError",
+           "PrefixCache", "PrefixCacheStats", "Request", "RequestState", "Scheduler",
+           "SchedulerStats", "StepPlan"]

@@ -1,0 +1,194 @@
+"""Device side of the continuous-batching engine: the paged KV pool and the jitted engine step.
+
+One step runs the model over a `StepPlan`'s packed tokens as ONE row (tokens [1, T]): each layer's
+`attend` scatters the step's new K/V into that layer's page pool at `slot_mapping` (padding rows
+point one past the pool and are dropped), then calls `pallas_kernels.ragged_paged_attention` over
+the page table; logits are computed only at the S sampling rows (`forward(select=...)`) and each
+slot samples with its own request's parameters and key: the i-th generated token of a request
+uses fold_in(key(request seed), i), so tokens never depend on slot, batch or chunking.
+
+The repetition penalty's seen-token sets live on device, one row per running request
+(`seen [max_seqs, V]`, assigned by the host, `StepInputs.seen_rows`): the host fills a row with
+the request's tokens when the request is (re)admitted (`fill_seen_row`), and each step marks the
+token it samples. Requests without a penalty point at row max_seqs (out of range: never written,
+and read as all False).
+
+`engine_step` is per chip (it takes the `model.Runtime`); `StepProgram` jits it for one device,
+donating the pool and the seen table. Shapes that key compilation: the token bucket T (the page
+table is always [max_seqs, pages_per_seq]) and the static sampling flags.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from jaxinfer import model as model_lib
+from jaxinfer.cache import Buffers, quantize_kv
+from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import DeviceSampling, sample, seed_key
+
+
+@flax.struct.dataclass
+class PagedKV:
+    """The paged KV pool: per layer a [P, K, page_size, H] key and value pool."""
+
+    k: Buffers
+    """Keys, one [P, K, page_size, H] array per layer (int8 when quantized)."""
+    v: Buffers
+    """Values, one [P, K, page_size, H] array per layer."""
+    k_scale: Buffers | None = None
+    """int8 pools only: float32 key scales, one [P, K, page_size] array per layer."""
+    v_scale: Buffers | None = None
+    """int8 pools only: float32 value scales, one [P, K, page_size] array per layer."""
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> "PagedKV":
+        """A zeroed pool of `num_pages` pages; dtype int8 stores K/V quantized with scales."""
+        shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
+        dtype = jnp.dtype(dtype)
+        if dtype != jnp.int8 and not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"KV pool dtype must be a float type or int8, got {dtype}")
+        zeros = lambda s, d: tuple(jnp.zeros(s, d) for _ in range(cfg.n_layers))
+        if dtype == jnp.int8:
+            return cls(k=zeros(shape, dtype), v=zeros(shape, dtype),
+                       k_scale=zeros(shape[:-1], jnp.float32),
+                       v_scale=zeros(shape[:-1], jnp.float32))
+        return cls(k=zeros(shape, dtype), v=zeros(shape, dtype))
+
+    @staticmethod
+    def bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
+        """Bytes one page takes over all layers (keys, values and int8 scales)."""
+        per_vector = cfg.head_dim * jnp.dtype(dtype).itemsize
+        if jnp.dtype(dtype) == jnp.int8:
+            per_vector += 4  # one float32 scale per token and head
+        return 2 * cfg.n_layers * cfg.n_kv_heads * page_size * per_vector
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+    def write(self, layer: int, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> "PagedKV":
+        """Store the step's k, v [T, K, H] of `layer` at flat slots page * page_size + offset;
+        slots >= P * page_size (padding rows) are dropped."""
+        page, offset = slot_mapping // self.page_size, slot_mapping % self.page_size
+
+        def put(buffers: Buffers, new: jax.Array) -> Buffers:  # new [T, K(, H)] at [p, :, off]
+            one = buffers[layer].at[page, :, offset].set(new.astype(buffers[layer].dtype),
+                                                         mode="drop")
+            return buffers[:layer] + (one,) + buffers[layer + 1:]
+
+        if not self.quantized:
+            return self.replace(k=put(self.k, k), v=put(self.v, v))
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        return self.replace(k=put(self.k, kq), v=put(self.v, vq), k_scale=put(self.k_scale, ks),
+                            v_scale=put(self.v_scale, vs))
+
+
+@flax.struct.dataclass
+class StepInputs:
+    """One step's arrays (from a `StepPlan` plus per-request sampling state). S = max_seqs."""
+
+    token_ids: jax.Array
+    """int32 [T]: packed fed tokens of all slots, zero-padded."""
+    positions: jax.Array
+    """int32 [T]: position of each packed token in its sequence."""
+    slot_mapping: jax.Array
+    """int32 [T]: flat pool index of each token's K/V; padding = P * page_size (dropped)."""
+    page_table: jax.Array
+    """int32 [S, pages_per_seq]: each slot's pages in order."""
+    kv_lens: jax.Array
+    """int32 [S]: cached tokens of each slot after this step's writes."""
+    query_start: jax.Array
+    """int32 [S + 1]: cumulative row offsets of the slots."""
+    num_seqs: jax.Array
+    """int32 scalar: slots in use."""
+    sample_rows: jax.Array
+    """int32 [S]: packed row of each slot's last fed token (where its logits are taken)."""
+    sample_mask: jax.Array
+    """bool [S]: slots that sample a token this step."""
+    seen_rows: jax.Array
+    """int32 [S]: each slot's row of the seen table (max_seqs: no penalty, never written)."""
+    seeds: jax.Array
+    """uint32 [S, 2]: each slot's request seed as (low, high) halves."""
+    token_index: jax.Array
+    """int32 [S]: index among its request's generated tokens of the token each slot samples."""
+
+
+def request_keys(seeds: jax.Array, token_index: jax.Array) -> jax.Array:
+    """Keys [S] of each request's token_index-th token: fold_in(key(seed), index)."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(seed_key(s), i))(seeds, token_index)
+
+
+def _paged_attend(inp: StepInputs, cfg: ModelConfig, rt: model_lib.Runtime):
+    """The model's attend callback over the paged pool (carry = the `PagedKV`)."""
+
+    def attend(q, k, v, layer, kv: PagedKV):  # q [1, T, n, H]; k, v [1, T, k, H]
+        kv = kv.write(layer, k[0], v[0], inp.slot_mapping)
+        sel = model_lib.kv_heads_for_queries(kv.k[layer].shape[1], q.shape[2], cfg, rt)
+        scales = {} if not kv.quantized else {"k_scale": sel(kv.k_scale[layer]),
+                                              "v_scale": sel(kv.v_scale[layer])}
+        out = pallas_kernels.ragged_paged_attention(
+            q[0], sel(kv.k[layer]), sel(kv.v[layer]), inp.page_table, inp.kv_lens,
+            inp.query_start, inp.num_seqs, backend=rt.attention_backend, **scales)  # [T, n, H]
+        return out[None], kv
+
+    return attend
+
+
+def engine_step(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: DeviceSampling,
+                cfg: ModelConfig, rt: model_lib.Runtime):
+    """One engine step (per chip) -> (tokens [S] int32, logprobs [S] float32, finite [S] bool:
+    the slot's logits were all finite, kv, seen). Slots that do not sample return token 0."""
+    attend = _paged_attend(inp, cfg, rt)
+    logits, kv = model_lib.forward(params, inp.token_ids[None], inp.positions[None], attend, kv,
+                                   cfg, rt, select=inp.sample_rows[None])
+    logits = logits[0]  # [S, V]
+    row_seen = (jnp.take(seen, inp.seen_rows, axis=0, mode="fill", fill_value=False)
+                if sp.use_penalty else jnp.zeros(logits.shape, bool))  # [S, V]
+    tokens, logprobs = sample(logits, row_seen, request_keys(inp.seeds, inp.token_index), sp)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    tokens = jnp.where(inp.sample_mask & finite, tokens, 0)
+    if sp.use_penalty:
+        seen = seen.at[inp.seen_rows, tokens].max(inp.sample_mask, mode="drop")
+    return tokens, logprobs, finite, kv, seen
+
+
+def fill_seen_row(seen: jax.Array, row: jax.Array, tokens: jax.Array,
+                  length: jax.Array) -> jax.Array:
+    """seen [R, V] with row `row` replaced by the set of tokens[:length] (tokens [L] padded)."""
+    valid = jnp.arange(tokens.shape[0]) < length
+    return seen.at[row].set(jnp.zeros(seen.shape[1], bool).at[tokens].max(valid))
+
+
+class StepProgram:
+    """The jitted engine step and seen-row fill of one model on one device."""
+
+    def __init__(self, cfg: ModelConfig, rt: model_lib.Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.step = jax.jit(functools.partial(engine_step, cfg=cfg, rt=rt),
+                            donate_argnums=(1, 2))
+        self.fill_seen = jax.jit(fill_seen_row, donate_argnums=(0,))
+
+
+def step_inputs(plan, seen_rows: np.ndarray, seeds: np.ndarray,
+                token_index: np.ndarray) -> StepInputs:
+    """The device inputs of a `StepPlan` (numpy arrays; jit moves them)."""
+    return StepInputs(
+        token_ids=plan.token_ids, positions=plan.positions, slot_mapping=plan.slot_mapping,
+        page_table=plan.page_table, kv_lens=plan.kv_lens, query_start=plan.query_start,
+        num_seqs=np.int32(plan.num_seqs), sample_rows=plan.sample_rows,
+        sample_mask=plan.sample_mask, seen_rows=seen_rows, seeds=seeds, token_index=token_index)
