@@ -147,10 +147,6 @@ class LayerCollectives:
     """Axes the K/V projections' heads are split over inside the layer."""
     attn_batch: tuple[str, ...] = ()
     """Axes of the batch dim inside attention and of the KV cache."""
-    vocab_axes: tuple[str, ...] = ()
-    """Axes the stored embedding / unembedding vocab dim is split over (after any weight
-    gather): the embedding lookup is reduce-scattered over them, the logits all-gathered."""
-
     def __post_init__(self):
         if self.attention not in ("heads", "batch"):
             raise ShardingError(f"attention must be 'heads' or 'batch', got {self.attention!r}")

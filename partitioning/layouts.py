@@ -54,21 +54,6 @@ class Layout:
     attn_batch: tuple[str, ...]
     """Axes of the batch dim inside attention and in the KV cache."""
 
-    @property
-    def res_batch(self) -> tuple[str, ...]:
-        """Axes of the residual stream's batch dim (weight-gathered: the gathered axes)."""
-        return self.gathered
-
-    @property
-    def res_embed(self) -> tuple[str, ...]:
-        """Axes of the residual stream's d_model dim (`BLE_xyz` in WS, `B_G L E_rest` in WG)."""
-        return self.x_axes + self.model_axes
-
-    @property
-    def q_heads(self) -> tuple[str, ...]:
-        """Axes of the query heads inside heads-sharded attention (after the x reduce-scatter)."""
-        return self.model_axes + self.x_axes
-
     def live(self, axes: tuple[str, ...]) -> tuple[str, ...]:
         """`axes` without those of size 1 (a collective over them moves nothing)."""
         return tuple(a for a in axes if self.mesh.as_dict()[a] > 1)
@@ -90,7 +75,7 @@ class Layout:
     def activation_rules(self) -> ShardingRules:
         """The residual stream and per-sequence state (batch, d_model)."""
         return ShardingRules.from_dict(
-            {ax.BATCH: self.live(self.res_batch), ax.ACT_EMBED: self.live(self.res_embed)},
+            {ax.BATCH: self.live(self.gathered), ax.ACT_EMBED: self.collectives().res_embed},
             description=f"{self.name} / {self.attention} residual")
 
     def cache_rules(self) -> ShardingRules:
@@ -109,16 +94,17 @@ class Layout:
 
     def check(self, cfg: ModelConfig, batch: int | None = None) -> None:
         """Raise `ShardingError` naming the dim that the mesh does not divide."""
-        n_inner = self.size(self.q_heads)
+        layer = self.collectives()  # residual d_model: `BLE_xyz` in WS, `B_G L E_rest` in WG
+        n_inner = self.size(layer.q_heads)
         stored = ALL_1D if self.storage == "1d" else HEADS_2D
-        dims = [("d_model", cfg.d_model, self.res_embed), ("d_ff", cfg.d_ff, self.q_heads),
-                ("n_heads", cfg.n_heads, self.q_heads),
+        dims = [("d_model", cfg.d_model, layer.res_embed), ("d_ff", cfg.d_ff, layer.q_heads),
+                ("n_heads", cfg.n_heads, layer.q_heads),
                 ("d_model of stored weights", cfg.d_model, () if self.storage == "1d" else ("x",)),
                 ("d_ff of stored weights", cfg.d_ff, stored),
                 ("n_heads of stored weights", cfg.n_heads, stored),
                 ("vocab of stored weights", cfg.vocab_size, stored)]
         if batch is not None:
-            dims += [("batch", batch, self.res_batch), ("batch", batch, self.attn_batch)]
+            dims += [("batch", batch, self.gathered), ("batch", batch, self.attn_batch)]
         for what, size, axes in dims:
             if size % self.size(axes):
                 raise ShardingError(f"layout {self.name}/{self.attention} on mesh {self.mesh}: "
@@ -191,6 +177,6 @@ def describe(layout: Layout) -> str:
         return "".join(axes) if axes else ""
     return (f"{layout.name}/{layout.attention} on {layout.mesh}: weights "
             f"{'E_x F_' + sub(HEADS_2D) if layout.storage == '2d' else 'E F_' + sub(ALL_1D)}, "
-            f"residual B_{sub(layout.res_batch)} L E_{sub(layout.res_embed)}, KV cache "
-            f"B_{sub(layout.attn_batch)} K_{sub(layout.kv_heads)}")
+            f"residual B_{sub(layout.gathered)} L E_{sub(layout.x_axes + layout.model_axes)}, "
+            f"KV cache B_{sub(layout.attn_batch)} K_{sub(layout.kv_heads)}")
 

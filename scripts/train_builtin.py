@@ -27,6 +27,7 @@ import jaxinfer
 from jaxinfer import builtin, model
 from jaxinfer.config import ModelConfig
 from jaxinfer.params import init_params
+from jaxinfer.sharding import PhaseSharding
 
 MAIN = ModelConfig(vocab_size=builtin.VOCAB_SIZE, d_model=192, n_layers=4, n_heads=6,
                    n_kv_heads=2, head_dim=32, d_ff=512, max_context=1024, activation="silu",
@@ -55,7 +56,8 @@ def batches(stream: np.ndarray, batch: int, seq: int, seed: int):
 
 def loss_fn(params, windows, cfg: ModelConfig):
     """Mean next-token cross-entropy (nats) of windows [B, T+1]."""
-    logits = model.forward_logits(params, windows[:, :-1], cfg)  # [B, T, V] float32
+    rt = model.Runtime(PhaseSharding.single_device())
+    logits = model.forward_logits(params, windows[:, :-1], cfg, rt)  # [B, T, V] float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 

@@ -178,7 +178,7 @@ def test_cli_plan_collective_bytes_and_audit(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "jaxinfer", "plan", "--model", "palm-8b", "--hardware", "tpu-v4",
          "--mesh", "2x2x2", "--batch", "16", "--phase", "decode", "--context", "512",
-         "--layout", "2d-ws", "--attention", "batch", "--audit", "--json"],
+         "--layout", "2d-ws", "--attention", "batch", "--weights", "f32", "--audit", "--json"],
         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
