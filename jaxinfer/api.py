@@ -11,11 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import builtin, checkpoint, hf_weights, placement, quant, validation
+from jaxinfer import (builtin, chat, checkpoint, hf_weights, placement, quant, streaming,
+                      validation)
 from jaxinfer.cache import KVCache
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.engine.run import check_params
 from jaxinfer.generate import GenerationResult, Generator
 from jaxinfer.hf_weights import CheckpointError
 from jaxinfer.model import Runtime
@@ -66,8 +68,16 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
+        weights = self.quantization.name if self.quantization else self.dtype.name
+        plan = "one device" if self.plan is None else (
+            f"prefill {self.plan.prefill.layout}/{self.plan.prefill.attention}, decode "
+            f"{self.plan.decode.layout}/{self.plan.decode.attention} on mesh "
+            f"{self.plan.decode.mesh}")
         return (f"Model({c.name}, {c.param_count() / 1e6:.1f}M params, {c.n_layers} layers, "
-                f"{c.attention_kind} attention, dtype={self.dtype.name})")
+                f"{c.attention_kind} attention, weights={weights}, "
+                f"kv_cache={self.kv_cache or self.cache_dtype.name}, plan={plan}, "
+                f"backend={self.attention_backend}, "
+                f"tokenizer={'yes' if self.tokenizer else 'none'})")
 
     @property
     def param_bytes(self) -> int:
@@ -144,7 +154,8 @@ class Model:
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  stop_tokens: Sequence[int] | None = None, seed: int = 0,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 engine: Engine | None = None) -> GenerationResult:
+                 engine: Engine | None = None, stop=None,
+                 include_stop_str_in_output: bool = False, n: int = 1) -> GenerationResult:
         """Generate continuations of ragged prompts (token-id lists, or text with a tokenizer).
 
         stop_tokens=None stops at the checkpoint's EOS id(s); [] never stops early.
@@ -152,7 +163,19 @@ class Model:
         `Model.engine`) run the continuous-batching engine instead of one static batch; with
         params the sampling keywords must stay at their defaults (seed still applies to requests
         whose params.seed is None). The result is then an `EngineResult` (with `stats`).
+        stop (stop strings), include_stop_str_in_output and n (completions per prompt) run
+        `stream` and collect it: a `jaxinfer.streaming.StreamResult`, flattened prompt-major
+        with `prompt_index` per result. `res.timings`: wall-clock seconds ('prefill_s' and
+        'decode_s' for the static batch; 'wall_s' and 'device_s' for the engine).
         """
+        options = streaming.TextOptions(stop, include_stop_str_in_output, n)
+        if options != streaming.TextOptions():
+            events = self.stream(prompts, params, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
+                                 seed=seed, engine=engine, stop=options.stop, n=options.n,
+                                 include_stop_str_in_output=options.include_stop_str_in_output)
+            return streaming.collect(events, events.count, self.tokenizer is not None)
         if params is not None or engine is not None:
             keywords = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -175,10 +198,16 @@ class Model:
         return result
 
     def engine(self, config: EngineConfig | None = None) -> Engine:
-        """A continuous-batching engine over this model (one device; `jaxinfer.engine`)."""
+        """A continuous-batching engine over this model (`jaxinfer.engine`; with a plan, under
+        its decode layout)."""
         return Engine(self, config)
 
     def _engine_generate(self, prompts, params, engine, keywords: dict, seed):
+        engine, params = self._engine_and_params(engine, params, keywords)
+        return engine.generate(prompts, params, seed=seed)
+
+    def _engine_and_params(self, engine, params, keywords: dict):
+        """(the engine to run, params or one SamplingParams made of the sampling keywords)."""
         if engine is None:
             engine = self.engine()
         elif not isinstance(engine, Engine) or engine.model is not self:
@@ -188,8 +217,37 @@ class Model:
         elif SamplingParams(**keywords) != SamplingParams():
             raise validation.InvalidArgument(
                 "pass either params= or the sampling keywords (max_new_tokens, temperature, "
-                "top_k, top_p, min_p, repetition_penalty, stop_tokens), not both")
-        return engine.generate(prompts, params, seed=seed)
+                "top_k, top_p, min_p, repetition_penalty, stop_tokens, logprobs), not both")
+        return engine, params
+
+    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+               *, seed: int = 0, stop=None, include_stop_str_in_output: bool = False,
+               n: int = 1, engine: Engine | None = None, **sampling) -> "streaming.EventStream":
+        """Stream generation: `StreamEvent`s (index, prompt_index, text, token_ids, logprobs,
+        finish_reason) as the engine produces tokens; prompts: one string or token-id list, or a
+        list of them. `text` holds only the new text and never splits a UTF-8 character;
+        joined per index it equals `generate`'s text. `sampling`: SamplingParams fields
+        (max_new_tokens, temperature, ...), or pass params. stop: stop strings (finish_reason
+        'stop'; cut from the text unless include_stop_str_in_output; the request is aborted in
+        the engine). n: completions per prompt, index = prompt_index * n + sample."""
+        fields = [f.name for f in dataclasses.fields(SamplingParams) if f.name != "seed"]
+        unknown = sorted(set(sampling) - set(fields))
+        if unknown:
+            raise validation.InvalidArgument(
+                f"stream() got the unknown keyword {unknown[0]!r}; sampling keywords are "
+                f"{', '.join(fields)} (or pass params=)")
+        token_prompts = self._encode(validation.one_or_many_prompts(prompts))
+        engine, params = self._engine_and_params(engine, params, sampling)
+        plist = check_params(params, len(token_prompts))
+        options = [streaming.TextOptions(stop, include_stop_str_in_output, n)] * len(plist)
+        return streaming.EventStream(engine, token_prompts, plist, options, validation.seed(seed))
+
+    def chat(self, messages, add_generation_prompt: bool = True, **kwargs) -> GenerationResult:
+        """Generate the reply to one conversation (a list of {"role", "content"} dicts) under
+        the checkpoint's chat template (`jaxinfer.chat`; an error when it has none). kwargs:
+        those of `generate`."""
+        text = chat.render(self.tokenizer, messages, add_generation_prompt)
+        return self.generate([self.tokenizer.encode(text, add_special_tokens=False)], **kwargs)
 
     def save(self, path: str, overwrite: bool = False) -> None:
         """Save as a jaxinfer (orbax) checkpoint; `jaxinfer.load(path)` restores it exactly.

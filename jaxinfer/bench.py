@@ -230,9 +230,11 @@ def print_table(rows: list[Row], args, bandwidth: float, ttft) -> None:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark generation against Hugging Face transformers")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32],
+                   help="batch sizes to measure (one table row each)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="tokens generated per sequence (greedy)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="jaxinfer weight quantization (Hugging Face stays float32)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")

@@ -7,15 +7,18 @@ naming the problem, no traceback; `--debug` adds it); 1 an internal error (one-l
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import sys
 import traceback
 
-from jaxinfer import bench, cli_plan, distributed
+import jaxinfer
+from jaxinfer import batch, bench, chat, cli_plan, distributed
+from jaxinfer.batch import json_line
 from jaxinfer.config import ConfigError
 from jaxinfer.generate import NonFiniteLogitsError
 from jaxinfer.hf_weights import CheckpointError
+from jaxinfer.sampling import SamplingParams
+from pallas_kernels import BACKENDS, INTERPRET_BACKENDS
 
 USER_ERRORS = (ValueError, CheckpointError, ConfigError, distributed.DistributedError,
                NonFiniteLogitsError, FileNotFoundError, FileExistsError, NotADirectoryError,
@@ -30,6 +33,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default in --help, unless it is None or False (nothing to show) or
+    the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _token_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -38,35 +51,70 @@ def _token_list(text: str) -> list[int]:
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text or tokens from a checkpoint")
+    defaults = SamplingParams()
+    p = sub.add_parser("generate", help="generate text or tokens from a checkpoint",
+                       formatter_class=_DefaultsFormatter,
+                       description="Generate from --prompt / --tokens (printed at the end, or "
+                       "as they come with --stream), or run a JSON Lines batch with --input / "
+                       "--output (resumable: see jaxinfer.batch).")
     p.add_argument("--model", default="builtin",
                    help="HF checkpoint dir, jaxinfer checkpoint dir, or builtin / builtin-draft "
-                        "(default: builtin, a small model trained on Python sources)")
+                        "(builtin: a small model trained on Python sources)")
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
+    prompt.add_argument("--prompt", action="append",
+                        help="text prompt (repeat for a batch); with --chat, the user message")
     prompt.add_argument("--tokens", type=_token_list, action="append",
-                        help="prompt as comma-separated token ids (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+                        help="prompt as comma-separated token ids (repeat for a batch); the "
+                        "output is token ids too")
+    prompt.add_argument("--input", default=None, metavar="FILE",
+                        help="batch mode: JSON Lines requests ('-' = stdin), one per line: id, "
+                        "prompt or tokens, and any SamplingParams field; needs --output")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="batch mode: JSON Lines results, appended as requests finish; a rerun "
+                   "skips the ids it already holds")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="tokens to generate at most per prompt")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: keep the most likely tokens whose mass reaches P")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens at least P times as likely as the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF/CTRL penalty (> 0) on tokens already in the prompt or output")
     p.add_argument("--stop-tokens", type=_token_list, default=None,
                    help="comma-separated stop ids (default: the checkpoint's EOS; '' = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "tpu", "gpu"])
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeat for several): generation ends once the text "
+                   "contains it; it is cut from the output")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt (seeds seed, "
+                   "seed + 1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (per request)")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (one prompt; with --json one JSON "
+                   "object per event)")
+    p.add_argument("--chat", action="store_true",
+                   help="format each --prompt as a user message with the checkpoint's chat "
+                   "template (tokenizer_config.json)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the weights and activations")
+    p.add_argument("--attention-backend", default="auto",
+                   choices=list(BACKENDS + INTERPRET_BACKENDS),
+                   help="attention and matmul kernels: auto (Pallas where supported), xla, "
+                   "tpu / gpu (Pallas), tpu-interpret / gpu-interpret (the Pallas kernels in "
+                   "the interpreter, any platform)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the projections")
     p.add_argument("--group-size", type=int, default=None,
-                   help="rows per scale for --quantize (default: per channel int8, 128 int4)")
+                   help="rows per scale for --quantize (must divide the input dims; default: "
+                   "per channel int8, 128 int4)")
     p.add_argument("--kv-cache", default=None, choices=["int8"],
                    help="store the KV cache as int8 with per-token-per-head scales")
     p.add_argument("--verbose", action="store_true",
                    help="print the plan and the memory report (parameter and KV-cache bytes, "
                    "peak host memory) to stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
     part = p.add_argument_group("partitioning over all devices (all processes)")
     part.add_argument("--plan", default=None,
                       help="'auto' (the cost model picks prefill and decode layouts and the mesh) "
@@ -75,7 +123,7 @@ def add_generate_parser(sub) -> None:
                       "default: one device")
     part.add_argument("--mesh", default=None,
                       help="XxYxZ for an explicit --plan (default: the paper's mesh for the "
-                      "device count)")
+                      "device count; every sharded dim must divide)")
     part.add_argument("--hardware", default=None,
                       help="profile --plan auto prices with (default: detected from the devices)")
     distributed.add_distributed_args(p)
@@ -150,29 +198,55 @@ def run_generate(args) -> int:
         return _generate_and_print(args)
 
 
-def _generate_and_print(args) -> int:
-    import jaxinfer
+def _check_modes(args) -> None:
+    """Flags that cannot go together are a user error naming them."""
+    if args.input is None:
+        if args.output is not None:
+            raise ValueError("--output needs --input (batch mode)")
+    else:
+        if args.output is None:
+            raise ValueError("--input needs --output FILE (the results, which a rerun resumes)")
+        for flag in ("stream", "chat", "json", "plan"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} does not apply to batch mode (--input); the "
+                                 "output file is JSON Lines already")
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat formats text: give the user message with --prompt")
+    if args.stream and not args.json and (len(args.prompt or args.tokens or ()) != 1
+                                          or args.n != 1):
+        raise ValueError("--stream prints one completion as text: give one --prompt or "
+                         "--tokens and --n 1 (or add --json for one JSON object per event)")
 
+
+def _sampling_keywords(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens)
+
+
+def _generate_and_print(args) -> int:
+    _check_modes(args)
     prompts = args.prompt if args.prompt is not None else args.tokens
     prompts = distributed.broadcast_from_process_zero(prompts)
-    plan = _plan_from_args(args, prompts)
+    plan = None if args.input is not None else _plan_from_args(args, prompts)
     model = jaxinfer.load(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
                           quantize=args.quantize, kv_cache=args.kv_cache,
                           group_size=args.group_size, plan=plan)
     if args.verbose:
-        if plan is not None:
-            print(f"plan: prefill {plan.prefill.layout}/{plan.prefill.attention}, decode "
-                  f"{plan.decode.layout}/{plan.decode.attention} on mesh {plan.decode.mesh}",
-                  file=sys.stderr)
-        report = model.memory_report(len(prompts), model.config.max_context)
-        report["peak_host_bytes"] = distributed.peak_host_bytes()
-        print("memory: " + " ".join(f"{k}={v}" for k, v in report.items()), file=sys.stderr)
+        _print_verbose(model, plan, len(prompts or [None]))
+    if args.input is not None:
+        defaults = {**_sampling_keywords(args), "stop": args.stop or (), "n": args.n}
+        return batch.run_batch(model, args.input, args.output, defaults, args.seed)
+    if args.chat:
+        prompts = [model.tokenizer.encode(
+            chat.render(model.tokenizer, [{"role": "user", "content": p}]),
+            add_special_tokens=False) for p in prompts]
+    keywords = dict(_sampling_keywords(args), seed=args.seed)
+    if args.stream:
+        _print_stream(args, model.stream(prompts, stop=args.stop, n=args.n, **keywords))
+        return 0
     try:
-        result = model.generate(
-            prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens,
-            seed=args.seed)
+        result = model.generate(prompts, stop=args.stop, n=args.n, **keywords)
     except NonFiniteLogitsError as err:  # the other requests' results are still printed
         if distributed.is_leader():
             _print_results(args, err.result)
@@ -182,30 +256,47 @@ def _generate_and_print(args) -> int:
     return 0
 
 
-def json_line(record: dict) -> str:
-    """`record` as one line of strict JSON: a non-finite float (a logprob of a request that
-    stopped with finish_reason 'error') is written as null, never as a bare NaN."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
+def _print_verbose(model, plan, batch_size: int) -> None:
+    if plan is not None:
+        print(f"plan: prefill {plan.prefill.layout}/{plan.prefill.attention}, decode "
+              f"{plan.decode.layout}/{plan.decode.attention} on mesh {plan.decode.mesh}",
+              file=sys.stderr)
+    report = model.memory_report(batch_size, model.config.max_context)
+    report["peak_host_bytes"] = distributed.peak_host_bytes()
+    print("memory: " + " ".join(f"{k}={v}" for k, v in report.items()), file=sys.stderr)
 
-    return json.dumps(clean(record), allow_nan=False)
+
+def _print_stream(args, events) -> None:
+    """Events as they come: text (or ids with --tokens), or one JSON object each (--json)."""
+    leader = distributed.is_leader()
+    if leader and not args.json and args.prompt is not None and not args.chat:
+        print(args.prompt[0], end="", flush=True)
+    for ev in events:
+        if not leader:
+            continue
+        if args.json:
+            print(json_line(dataclasses.asdict(ev)), flush=True)
+        elif args.tokens is not None:
+            print("".join(f"{t}," for t in ev.token_ids), end="", flush=True)
+        else:
+            print(ev.text, end="", flush=True)
+    if leader and not args.json:
+        print()
 
 
 def _print_results(args, result) -> None:
+    owners = getattr(result, "prompt_index", None) or list(range(len(result.tokens)))
+    top = getattr(result, "top_logprobs", None)
     for i in range(len(result.tokens)):
         text = result.text[i] if result.text is not None else None
         if args.json:
-            print(json_line({"tokens": result.tokens[i], "text": text,
-                             "finish_reason": result.finish_reasons[i],
-                             "logprobs": result.logprobs[i]}))
-        elif text is not None:
-            prefix = args.prompt[i] if args.prompt is not None else ""
+            record = {"prompt_index": owners[i], "tokens": result.tokens[i], "text": text,
+                      "finish_reason": result.finish_reasons[i], "logprobs": result.logprobs[i]}
+            if top is not None and top[i] is not None:
+                record["top_logprobs"] = top[i]
+            print(json_line(record))
+        elif text is not None and args.tokens is None:
+            prefix = "" if args.chat else args.prompt[owners[i]]
             print(prefix + text)
         else:
             print(",".join(map(str, result.tokens[i])))
@@ -223,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxinfer", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"jaxinfer {jaxinfer.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_parser in SUBCOMMAND_BUILDERS:
         add_parser(sub)

@@ -26,6 +26,11 @@ from jaxinfer.sampling import SamplingConfig
 
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 8
+MIN_BATCH_BUCKET = 2
+"""One prompt decodes as a batch of 2 (one padding row): with a batch of 1, XLA:CPU duplicates
+each layer's cache write into the attention dot's squeezed operand and copies every cache
+buffer 4 times per step (compiled decode loop: 32 copies of the cache buffers at batch 1, none
+at batch 2); the padding row costs one more row of small matmuls."""
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -54,7 +59,23 @@ class GenerationResult:
     text: list[str] | None = None
     """Decoded generated text per prompt, when the model has a tokenizer."""
     timings: dict[str, float] | None = None
-    """Wall-clock seconds of this call: 'prefill_s' (prompt + first logits) and 'decode_s'."""
+    """Wall-clock seconds of this call: 'prefill_s' (prompt + first logits) and 'decode_s' for
+    the static batch; 'wall_s' and 'device_s' for the engine."""
+
+    def __repr__(self) -> str:
+        """A summary: counts, finish reasons, timings and the start of each text."""
+        reasons: dict[str, int] = {}
+        for r in self.finish_reasons:
+            reasons[str(r)] = reasons.get(str(r), 0) + 1
+        parts = [f"{len(self.tokens)} results", f"{sum(map(len, self.tokens))} tokens",
+                 "finish " + " ".join(f"{k}={v}" for k, v in sorted(reasons.items()))]
+        if self.timings:
+            parts.append(" ".join(f"{k}={v:.3f}" for k, v in self.timings.items()))
+        if self.text is not None:
+            shown = [repr(t if len(t) <= 24 else t[:21] + "...") for t in self.text[:3]]
+            more = f", ... {len(self.text) - 3} more" if len(self.text) > 3 else ""
+            parts.append(f"text=[{', '.join(shown)}{more}]")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def _fetch(arrays):
@@ -96,7 +117,7 @@ class Generator:
 
     def batch_bucket(self, n: int) -> int:
         multiple = self.batch_multiple
-        return -(-bucket(n, 1) // multiple) * multiple
+        return -(-bucket(n, MIN_BATCH_BUCKET) // multiple) * multiple
 
     def prompt_bucket(self, longest: int) -> int:
         return bucket(longest, MIN_PROMPT_BUCKET, self.cfg.max_context)

@@ -109,4 +109,5 @@ class Programs:
         fn = functools.partial(loop_lib.decode_body, cfg=self.cfg, rt=rt)
         specs = state_specs(state, sh)
         in_specs = (self.param_specs(rt), specs, _replicated(jax.tree.structure(sp)), P(None), P())
-        return jax.jit(_shard_map(fn, sh, in_specs, specs))
+        # the state is donated: the loop updates its carry in place, so does the step alone
+        return jax.jit(_shard_map(fn, sh, in_specs, specs), donate_argnums=(1,))

@@ -27,6 +27,9 @@ import numpy as np
 
 from jaxinfer import validation
 
+MAX_TOP_LOGPROBS = 20
+"""Most top-logprob alternatives a request may ask for (`SamplingParams.logprobs`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -90,6 +93,9 @@ class SamplingParams:
     seed: int | None = None
     """Seed of this request's randomness, an int in [0, 2**63); None: the call's seed. The i-th
     generated token is drawn with fold_in(key(seed), i), never from a batch row."""
+    logprobs: int | None = None
+    """Engine only: return, per generated token, this many most likely (token id, raw logprob)
+    alternatives, an int in [1, MAX_TOP_LOGPROBS]; None: none."""
 
     def __post_init__(self):
         values = validation.sampling(self.temperature, self.top_k, self.top_p, self.min_p,
@@ -97,6 +103,8 @@ class SamplingParams:
         values["max_new_tokens"] = validation.max_new_tokens(self.max_new_tokens)
         values["stop_tokens"] = validation.stop_tokens(self.stop_tokens)
         values["seed"] = None if self.seed is None else validation.seed(self.seed)
+        values["logprobs"] = validation.optional_integer("logprobs", self.logprobs, 1,
+                                                         MAX_TOP_LOGPROBS)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 

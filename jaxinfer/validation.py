@@ -244,3 +244,31 @@ def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise fail(name, value, "True or False")
     return bool(value)
+
+
+def stop_strings(value: Any) -> tuple[str, ...]:
+    """Stop strings: None / [] (none), one non-empty string, or a sequence of them."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, (bytes, dict, set, frozenset)) or _is_real(items):
+        raise fail("stop", value, "a string or a list of non-empty strings")
+    try:
+        items = list(items)
+    except TypeError:
+        raise fail("stop", value, "a string or a list of non-empty strings") from None
+    for i, s in enumerate(items):
+        if not isinstance(s, str) or not s:
+            raise fail(f"stop[{i}]", s, "a non-empty string")
+        _text(f"stop[{i}]", s)
+    return tuple(items)
+
+
+def one_or_many_prompts(value: Any) -> list[str] | list[list[int]]:
+    """`prompts`, where one prompt (a string, or a flat sequence of token ids) is also accepted
+    and stands for a batch of one."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return prompts(value[None])
+    if isinstance(value, (list, tuple)) and value and all(_is_int(t) for t in value):
+        return prompts([value])
+    return prompts(value)

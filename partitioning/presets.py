@@ -9,7 +9,6 @@ and HF config.json).
 
 from __future__ import annotations
 
-import os
 
 from jaxinfer.config import ModelConfig, RopeScaling
 

@@ -43,7 +43,8 @@ def run_engine(model: Model, prompts, out_lens, args) -> dict:
     engine = model.engine(EngineConfig(max_seqs=args.max_seqs, page_size=args.page_size,
                                        token_budget=args.token_budget,
                                        max_model_len=args.max_model_len,
-                                       prefix_caching=False))
+                                       prefix_caching=False,
+                                       steps_per_call=args.steps_per_call))
     params = [SamplingParams(max_new_tokens=k, stop_tokens=()) for k in out_lens]
     for _ in range(args.repeats):
         _reset_peak_rss()
@@ -53,6 +54,7 @@ def run_engine(model: Model, prompts, out_lens, args) -> dict:
     return {"useful_tok_s": sum(out_lens) / s.wall_s, "wall_s": s.wall_s,
             "ttft_s": _percentiles(s.ttft_s), "tpot_s": _percentiles(s.tpot_s),
             "host_ms_per_token": 1e3 * s.host_s_per_token, "steps": s.steps,
+            "device_calls": s.device_calls, "steps_per_call": args.steps_per_call,
             "preemptions": s.preemptions, "num_pages": engine.num_pages,
             "peak_rss_mb": _peak_rss_mb()}
 
@@ -88,6 +90,8 @@ def main() -> int:
     p.add_argument("--token-budget", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=640,
                    help="engine page-table width (longest prompt 400 + output 200 fits)")
+    p.add_argument("--steps-per-call", type=int, default=8,
+                   help="engine steps per device call in decode-only stretches (1: no loop)")
     p.add_argument("--static-batch", type=int, default=32)
     p.add_argument("--skip-static", action="store_true")
     args = p.parse_args()

@@ -33,6 +33,18 @@ PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5 lite": 819e
             "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v6": 1640e9, "TPU v4": 1200e9}
 
 
+RESULTS: list[dict] = []
+"""Every timing printed by `report` (and every failed counterpart), as dicts, in order: what
+`scripts/device_check.py` writes to its JSON."""
+_SECTION = {"case": ""}
+
+
+def section(title: str) -> None:
+    """Print a benchmark case's header; later results are recorded under it."""
+    _SECTION["case"] = title
+    print(title)
+
+
 def peak_bandwidth() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((bw for name, bw in PEAK_HBM.items() if name in kind), None)
@@ -52,6 +64,9 @@ def timeit(fn, *args, iters: int = 20) -> float:
 def report(name: str, seconds: float, nbytes: float, flops: float) -> None:
     peak = peak_bandwidth()
     frac = f"  {nbytes / seconds / peak:6.1%} of HBM peak" if peak else ""
+    RESULTS.append({"case": _SECTION["case"], "name": name, "us": seconds * 1e6,
+                    "gb_s": nbytes / seconds / 1e9, "tflop_s": flops / seconds / 1e12,
+                    "hbm_fraction": nbytes / seconds / peak if peak else None})
     print(f"  {name:34s} {seconds * 1e6:10.1f} us  {nbytes / seconds / 1e9:8.1f} GB/s  "
           f"{flops / seconds / 1e12:7.2f} TFLOP/s{frac}")
 
@@ -60,7 +75,9 @@ def run(name, fn, args, nbytes, flops):
     try:
         report(name, timeit(jax.jit(fn), *args), nbytes, flops)
     except Exception as err:  # a counterpart that cannot take this shape is reported, not fatal
-        print(f"  {name:34s} failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}")
+        message = f"{type(err).__name__}: {str(err).splitlines()[0][:90]}"
+        RESULTS.append({"case": _SECTION["case"], "name": name, "error": message})
+        print(f"  {name:34s} failed: {message}")
 
 
 def bench_decode(platform, b, n, kv_heads, s, h, dtype, int8):
@@ -78,7 +95,7 @@ def bench_decode(platform, b, n, kv_heads, s, h, dtype, int8):
     nbytes = 2 * b * kv_heads * s * h * elem + 2 * b * n * h * q.dtype.itemsize
     nbytes += 2 * b * kv_heads * s * 4 if int8 else 0
     flops = 4 * b * n * s * h
-    print(f"decode B={b} N={n} K={kv_heads} S={s} H={h} {jnp.dtype(dtype).name}"
+    section(f"decode B={b} N={n} K={kv_heads} S={s} H={h} {jnp.dtype(dtype).name}"
           f"{' int8 cache' if int8 else ''}: {nbytes / 1e6:.1f} MB")
     run("xla reference", lambda q, k, v, l: decode_attention_ref(q, k, v, l, **scales),
         (q, k, v, lengths), nbytes, flops)
@@ -103,7 +120,7 @@ def bench_flash(platform, b, n, kv_heads, t, h, dtype):
     elem = jnp.dtype(dtype).itemsize
     nbytes = (2 * b * n * t * h + 2 * b * kv_heads * t * h) * elem
     flops = 4 * b * n * t * t * h // 2  # causal: half the score matrix
-    print(f"flash (causal prefill) B={b} N={n} K={kv_heads} T=S={t} H={h} "
+    section(f"flash (causal prefill) B={b} N={n} K={kv_heads} T=S={t} H={h} "
           f"{jnp.dtype(dtype).name}")
     run("xla reference", lambda q, k, v: flash_attention_ref(q, k, v, causal=True),
         (q, k, v), nbytes, flops)
@@ -162,7 +179,7 @@ def bench_ragged(platform, name, seqs, n, kv_heads, h, page_size, dtype, int8):
     nbytes = 2 * kv_tokens * kv_heads * h * elem + 2 * q.size * q.dtype.itemsize
     nbytes += 2 * kv_tokens * kv_heads * 4 if int8 else 0
     flops = 4 * n * h * sum(sum(range(kv - ql + 1, kv + 1)) for kv, ql in seqs)
-    print(f"ragged paged ({name}) seqs={len(seqs)} T={q.shape[0]} N={n} K={kv_heads} H={h} "
+    section(f"ragged paged ({name}) seqs={len(seqs)} T={q.shape[0]} N={n} K={kv_heads} H={h} "
           f"page={page_size} {jnp.dtype(dtype).name}{' int8 pages' if int8 else ''}: "
           f"{nbytes / 1e6:.1f} MB")
     run("xla reference",
@@ -202,7 +219,7 @@ def bench_quantized_matmul(platform, k_dim, n_dim, ms):
     for m in ms:
         x = jax.random.normal(jax.random.key(3), (m, k_dim), jnp.bfloat16)
         flops = 2 * m * k_dim * n_dim
-        print(f"matmul M={m} K={k_dim} N={n_dim} bf16 activations")
+        section(f"matmul M={m} K={k_dim} N={n_dim} bf16 activations")
         base = timeit(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
                               .astype(x.dtype)), x, w16)
         report("bf16 XLA dot", base, k_dim * n_dim * 2, flops)

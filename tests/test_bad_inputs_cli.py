@@ -159,3 +159,22 @@ def test_non_finite_logits_keep_the_other_results_as_strict_json(llama, capsys, 
     assert records[0]["logprobs"] == [-0.25, -1.5] and records[1]["logprobs"] == [None]
     assert err.strip() == ("jaxinfer generate: error: the model produced non-finite logits "
                            "(prompt 1, step 0)")
+
+
+PLAN_ARGS = ["plan", "--model", "palm-8b", "--hardware", "tpu-v4", "--batch", "8",
+             "--context", "64"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--chips", "8", "--phase", "prefill", "--prompt-len", "0"],
+     "--prompt-len must be a positive integer, got 0"),
+    (["--chips", "8", "--phase", "decode", "--latency-target-ms", "nan"],
+     "--latency-target-ms must be a positive number, got nan"),
+    (["--phase", "decode", "--mesh", "2x2"], "--mesh must be XxYxZ"),
+    (["--phase", "decode", "--mesh", "2x2x2", "--chips", "4"], "--chips 4 disagrees with --mesh"),
+    (["--phase", "decode"], "--chips must be a positive integer, got None"),
+])
+def test_plan_user_errors_exit_2(capsys, extra, words):
+    assert _rc(PLAN_ARGS + extra) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

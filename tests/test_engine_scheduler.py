@@ -397,7 +397,7 @@ def test_impossible_requests_are_rejected_at_add():
             r"request 'long': prompt of 60 tokens \+ max_new_tokens=5 = 65 tokens exceeds "
             r"max_model_len=64")):
         sched.add_request("long", [1] * 60, 5)
-    with pytest.raises(ValueError, match="request_id 'fits' was already added"):
+    with pytest.raises(ValueError, match="request_id 'fits' is already waiting or running"):
         sched.add_request("fits", [1], 1)
     with pytest.raises(ValueError, match=r"prompt must be a non-empty 1-D sequence.*shape \(0,\)"):
         sched.add_request("empty", [], 1)

@@ -175,3 +175,18 @@ def test_decode_returns_only_what_generate_reads(model):
         model.params, first, np.zeros((2, 16), np.int32), cache, np.int32(2),
         np.zeros(2, np.uint32), sp, np.full(32, -1, np.int32), np.int32(4))
     assert [x.shape for x in out] == [(2, 8), (2, 8), (2,), (2,), (2,)]
+
+
+def test_non_finite_logits_stop_that_request_with_an_error_naming_it(model):
+    """A NaN embedding row poisons only the prompts that hold that token: that request stops at
+    step 0 with finish_reason 'error', the error names it, the others finish normally."""
+    from jaxinfer.generate import NonFiniteLogitsError
+
+    params = dict(model.params, embed=model.params["embed"].at[5].set(jnp.nan))
+    poisoned = Model(CFG, params)
+    with pytest.raises(NonFiniteLogitsError, match=r"prompt 1 at step 0") as err:
+        poisoned.generate([[1, 2, 3], [5, 6]], max_new_tokens=4, stop_tokens=[])
+    result = err.value.result
+    assert result.finish_reasons == ["length", "error"] and result.tokens[1] == []
+    alone = model.generate([[1, 2, 3]], max_new_tokens=4, stop_tokens=[])
+    assert result.tokens[0] == alone.tokens[0]

@@ -37,6 +37,10 @@ class EngineConfig:
     """Share full KV pages of identical prompt prefixes across requests."""
     min_token_bucket: int = 8
     """Smallest padded token count of a step (steps are padded to powers of two >= this)."""
+    steps_per_call: int = 8
+    """Most engine steps of one device call: a decode-only stretch runs up to this many steps in
+    an on-device loop (pages reserved ahead by the scheduler), returning early when a sequence
+    finishes or runs out of reserved pages. 1: one step per call."""
 
     def __post_init__(self):
         validation.integer("EngineConfig.max_seqs", self.max_seqs, 1)
@@ -48,6 +52,7 @@ class EngineConfig:
         validation.optional_integer("EngineConfig.max_model_len", self.max_model_len, 2)
         validation.boolean("EngineConfig.prefix_caching", self.prefix_caching)
         validation.integer("EngineConfig.min_token_bucket", self.min_token_bucket, 1)
+        validation.integer("EngineConfig.steps_per_call", self.steps_per_call, 1, 1024)
 
     def kv_pool_bytes(self, full_bytes: int) -> int:
         """The pool's bytes: `kv_cache_bytes`, or the default for a model whose max_seqs
@@ -78,7 +83,9 @@ class EngineStats:
     preemptions: int
     """Sequences preempted for lack of pages (freed, recomputed later)."""
     steps: int
-    """Engine steps (one device call each)."""
+    """Engine steps (model passes; a device call runs one, or several in a decode-only loop)."""
+    device_calls: int
+    """Device calls (host round trips)."""
     wall_s: float
     """Duration of the call."""
     device_s: float
@@ -87,8 +94,9 @@ class EngineStats:
     """generated_tokens / wall_s."""
     host_s_per_token: float
     """(wall_s - device_s) / generated_tokens: scheduling and bookkeeping per generated token."""
-    ttft_s: tuple[float, ...]
-    """Per request (prompt order): time from the call's start to its first generated token."""
+    ttft_s: tuple[float | None, ...]
+    """Per request (prompt order): time from the call's start to its first generated token;
+    None for a request aborted before its first token."""
     tpot_s: tuple[float | None, ...]
     """Per request: (time of its last token - time of its first) / (tokens - 1); None for a
     single-token output."""
@@ -100,3 +108,6 @@ class EngineResult(GenerationResult):
 
     stats: EngineStats | None = None
     """Counters and timings of the call."""
+    top_logprobs: list[list[tuple[tuple[int, float], ...]] | None] | None = None
+    """Per prompt: None where its params.logprobs is None, else per generated token the
+    params.logprobs most likely (token id, raw logprob) pairs, most likely first."""

@@ -13,14 +13,14 @@ the request's tokens when the request is (re)admitted (`fill_seen_row`), and eac
 token it samples. Requests without a penalty point at row max_seqs (out of range: never written,
 and read as all False).
 
-`engine_step` is per chip (it takes the `model.Runtime`); `StepProgram` jits it for one device,
+`engine_step` is per chip (it takes the `model.Runtime`); `jaxinfer.engine.loop.StepProgram`
+jits it (and the on-device multi-step `decode_loop`) for one device,
 donating the pool and the seen table. Shapes that key compilation: the token bucket T (the page
-table is always [max_seqs, pages_per_seq]) and the static sampling flags.
+table is always [max_seqs, pages_per_seq]), the static sampling flags and the top-logprob count;
+for `decode_loop` also its step bound and stop-table width.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.struct
 import jax
@@ -149,10 +149,26 @@ def _paged_attend(inp: StepInputs, cfg: ModelConfig, rt: model_lib.Runtime):
     return attend
 
 
+@flax.struct.dataclass
+class StepOutput:
+    """What one engine step returns per slot (S = max_seqs, k = the call's top-logprob count)."""
+
+    tokens: jax.Array
+    """int32 [S]: sampled token (0 where the slot does not sample or its logits are not finite)."""
+    logprobs: jax.Array
+    """float32 [S]: raw log-probability of the sampled token."""
+    finite: jax.Array
+    """bool [S]: the slot's logits were all finite."""
+    top_ids: jax.Array
+    """int32 [S, k]: the k most likely token ids under the raw distribution, most likely first."""
+    top_logprobs: jax.Array
+    """float32 [S, k]: their raw log-probabilities."""
+
+
 def engine_step(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: DeviceSampling,
-                cfg: ModelConfig, rt: model_lib.Runtime):
-    """One engine step (per chip) -> (tokens [S] int32, logprobs [S] float32, finite [S] bool:
-    the slot's logits were all finite, kv, seen). Slots that do not sample return token 0."""
+                cfg: ModelConfig, rt: model_lib.Runtime, num_top: int = 0):
+    """One engine step (per chip) -> (StepOutput, kv, seen). num_top (static): how many top
+    raw logprobs per slot to return (0: none, [S, 0] arrays)."""
     attend = _paged_attend(inp, cfg, rt)
     logits, kv = model_lib.forward(params, inp.token_ids[None], inp.positions[None], attend, kv,
                                    cfg, rt, select=inp.sample_rows[None])
@@ -164,7 +180,10 @@ def engine_step(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
     tokens = jnp.where(inp.sample_mask & finite, tokens, 0)
     if sp.use_penalty:
         seen = seen.at[inp.seen_rows, tokens].max(inp.sample_mask, mode="drop")
-    return tokens, logprobs, finite, kv, seen
+    top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), num_top)
+    out = StepOutput(tokens=tokens, logprobs=logprobs, finite=finite,
+                     top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)
+    return out, kv, seen
 
 
 def fill_seen_row(seen: jax.Array, row: jax.Array, tokens: jax.Array,
@@ -172,16 +191,6 @@ def fill_seen_row(seen: jax.Array, row: jax.Array, tokens: jax.Array,
     """seen [R, V] with row `row` replaced by the set of tokens[:length] (tokens [L] padded)."""
     valid = jnp.arange(tokens.shape[0]) < length
     return seen.at[row].set(jnp.zeros(seen.shape[1], bool).at[tokens].max(valid))
-
-
-class StepProgram:
-    """The jitted engine step and seen-row fill of one model on one device."""
-
-    def __init__(self, cfg: ModelConfig, rt: model_lib.Runtime):
-        self.cfg, self.rt = cfg, rt
-        self.step = jax.jit(functools.partial(engine_step, cfg=cfg, rt=rt),
-                            donate_argnums=(1, 2))
-        self.fill_seen = jax.jit(fill_seen_row, donate_argnums=(0,))
 
 
 def step_inputs(plan, seen_rows: np.ndarray, seeds: np.ndarray,

@@ -1,11 +1,18 @@
-"""The continuous-batching engine: `Engine(model, EngineConfig).generate(prompts, params)`.
+"""The continuous-batching engine: `Engine(model, EngineConfig)`, `.stream`, `.generate`, `.abort`.
 
-The host loop is schedule -> device step -> update until every request is done: the `Scheduler`
-plans a decode-maximal step over the paged pool (chunked prefill, prefix hits, preemption by
-recompute), `StepProgram` runs it on device (one model pass over the packed tokens, sampling per
-request), and the sampled tokens go back to the scheduler. Stop tokens and non-finite logits are
-decided on the host from the step's tokens (flags to `Scheduler.update`); max_new_tokens is the
-scheduler's. One step per device call (the scheduler is synchronous; no multi-step lookahead).
+One host loop (`Engine.stream`, a generator; `generate` consumes it): feed prompts to the
+`Scheduler` (lazily: its queue holds at most max_seqs waiting requests, so memory does not grow
+with the number of prompts), plan a step, run it on device (`StepProgram`: one model pass over
+the packed tokens with per-request sampling, or, for a decode-only stretch, the on-device
+`decode_loop` of up to `EngineConfig.steps_per_call` steps over pages the scheduler reserved
+ahead), hand the sampled tokens back, and yield one `TokenEvent` per request that produced tokens.
+Stop tokens and non-finite logits are decided from the step's tokens (on device inside the loop,
+on the host for `Scheduler.update`); max_new_tokens is the scheduler's.
+
+`abort(index, reason)` may be called by a consumer while it iterates a stream (between events):
+the request's pages and slot are freed and its final event (finish_reason = reason) is the next
+one yielded. Closing a stream early (`close()`, `break` out of a `with closing(...)`) aborts every
+unfinished request of it. One stream runs per engine at a time.
 
 The scheduler, its prefix cache and the device pool persist across calls of one engine (a later
 call can hit an earlier call's prefixes); any error inside a call resets all three, so no request
@@ -14,80 +21,42 @@ of a failed call survives into the next.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer import validation
-from jaxinfer.engine.config import EngineConfig, EngineResult, EngineStats
-from jaxinfer.engine.device import PagedKV, StepProgram, step_inputs
+from jaxinfer.engine.config import EngineConfig, EngineResult
+from jaxinfer.engine.device import PagedKV, StepOutput, step_inputs
+from jaxinfer.engine.loop import StepProgram
 from jaxinfer.engine.pages import pages_for_tokens
 from jaxinfer.engine.plan import Request, RequestState, StepPlan, token_bucket
+from jaxinfer.engine.run import Collector, Run, TokenEvent, Track, check_params
 from jaxinfer.engine.scheduler import Scheduler
-from jaxinfer.generate import NonFiniteLogitsError, seed_halves
+from jaxinfer.generate import seed_halves
 from jaxinfer.model import Runtime
 from jaxinfer.sampling import SamplingParams, stack_configs
 from jaxinfer.sharding import PhaseSharding
 
 
-@dataclasses.dataclass(eq=False)
-class _Track:
-    """The engine's per-request state beside the scheduler's `Request`."""
-
-    index: int
-    """Position of the prompt in the call."""
-    request: Request
-    """The scheduler's request."""
-    stops: frozenset[int]
-    """Stop token ids."""
-    seed: np.ndarray
-    """uint32 [2]: the request's seed halves."""
-    penalty: bool
-    """Whether the request uses the repetition penalty (needs a seen-table row)."""
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    """Raw logprob of each generated token."""
-    first_s: float | None = None
-    """Time (from the call's start) of the first generated token."""
-    last_s: float | None = None
-    """Time of the latest generated token."""
-    error: bool = False
-    """Its logits were not finite (finished with reason 'error')."""
-
-
-def _check_params(params, n: int) -> list[SamplingParams]:
-    """One SamplingParams per prompt from None, one SamplingParams, or a sequence of n."""
-    if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
-        raise validation.fail("params", params,
-                              "None, a SamplingParams or a list of one SamplingParams per prompt")
-    if len(params) != n:
-        raise validation.InvalidArgument(
-            f"params must hold one SamplingParams per prompt: got {len(params)} for {n} prompts")
-    for i, p in enumerate(params):
-        if not isinstance(p, SamplingParams):
-            raise validation.fail(f"params[{i}]", p, "a SamplingParams")
-    return list(params)
-
-
 class Engine:
-    """Continuous batching over a paged KV cache for one `jaxinfer.Model` on one device."""
+    """Continuous batching over a paged KV cache for one `jaxinfer.Model`: on one device, or,
+    for a model loaded with a plan, under the plan's decode layout (every step, prefill chunks
+    included; attention sharded over heads, the pool split over KV heads: `loop.StepProgram`)."""
 
     def __init__(self, model, config: EngineConfig | None = None):
-        """model: a `jaxinfer.Model` without a partitioning plan; config: default EngineConfig()."""
+        """model: a `jaxinfer.Model` (with a plan: its decode layout must shard attention over
+        heads and keep the batch whole, else an InvalidArgument); config: default
+        EngineConfig()."""
         if config is None:
             config = EngineConfig()
         if not isinstance(config, EngineConfig):
             raise validation.fail("config", config, "an EngineConfig or None")
-        if model.plan is not None:
-            raise validation.InvalidArgument(
-                "the engine runs on one device: a model loaded with plan= is not supported yet")
         self.model, self.config, self.cfg = model, config, model.config
         self.max_model_len = config.max_model_len or self.cfg.max_context
         if self.max_model_len > self.cfg.max_context:
@@ -101,9 +70,16 @@ class Engine:
             raise validation.InvalidArgument(
                 f"EngineConfig.kv_cache_bytes={config.kv_cache_bytes} holds no page: one page of "
                 f"{config.page_size} tokens takes {page_bytes} bytes")
-        rt = Runtime(PhaseSharding.single_device(), model.attention_backend, model.quantization)
-        self.program = StepProgram(self.cfg, rt)
+        sharding = model.shardings[1] if model.plan is not None else PhaseSharding.single_device()
+        rt = Runtime(sharding, model.attention_backend, model.quantization)
+        abstract_pool = jax.eval_shape(lambda: PagedKV.init(self.cfg, self.num_pages,
+                                                            config.page_size, model.cache_dtype))
+        try:
+            self.program = StepProgram(self.cfg, rt, abstract_pool)
+        except ValueError as err:
+            raise validation.InvalidArgument(str(err)) from None
         self._calls = 0
+        self._active: Run | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -114,8 +90,15 @@ class Engine:
             token_budget=c.token_budget, max_prefill_chunk=c.max_prefill_chunk or c.token_budget,
             max_model_len=self.max_model_len, prefix_caching=c.prefix_caching,
             min_token_bucket=c.min_token_bucket)
-        self.kv = PagedKV.init(self.cfg, self.num_pages, c.page_size, self.model.cache_dtype)
-        self.seen = jnp.zeros((c.max_seqs, self.cfg.vocab_size), bool)
+        # placed on the parameters' mesh as the programs return them, so the step's outputs,
+        # which the next step takes, have the same input types as these (no second compile)
+        mesh = self.program.rt.sharding.mesh
+        self.kv = jax.device_put(
+            PagedKV.init(self.cfg, self.num_pages, c.page_size, self.model.cache_dtype),
+            jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.program.kv_specs,
+                         is_leaf=lambda x: isinstance(x, PartitionSpec)))
+        self.seen = jax.device_put(jnp.zeros((c.max_seqs, self.cfg.vocab_size), bool),
+                                   NamedSharding(mesh, PartitionSpec()))
         self._seen_rows: dict[Request, int] = {}
 
     # ----------------------------------------------------------------------------- requests
@@ -134,62 +117,175 @@ class Engine:
                     f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
         return prompts
 
-    def _track(self, i: int, prompt: list[int], p: SamplingParams, seed: int) -> _Track:
+    def _validate(self, plist: list[SamplingParams], prompts: list[list[int]]) -> None:
+        """Every request's parameters against the vocabulary and the pool (before any runs)."""
         vocab = self.cfg.vocab_size
-        p.config().validate(vocab)
-        stops = self.cfg.eos_token_ids if p.stop_tokens is None else p.stop_tokens
-        bad = [t for t in stops if not 0 <= t < vocab]
-        if bad:
-            raise validation.InvalidArgument(
-                f"params[{i}].stop_tokens has {bad[0]}, outside the vocabulary [0, {vocab})")
-        req = self.scheduler.add_request((self._calls, i), prompt, p.max_new_tokens)
-        return _Track(index=i, request=req, stops=frozenset(stops),
-                      seed=seed_halves(seed if p.seed is None else p.seed),
-                      penalty=p.repetition_penalty is not None)
+        for i, (p, prompt) in enumerate(zip(plist, prompts)):
+            p.config().validate(vocab)
+            bad = [t for t in self._stops(p) if not 0 <= t < vocab]
+            if bad:
+                raise validation.InvalidArgument(
+                    f"params[{i}].stop_tokens has {bad[0]}, outside the vocabulary [0, {vocab})")
+            self.scheduler.check_fits((self._calls + 1, i), len(prompt), p.max_new_tokens)
 
-    # ----------------------------------------------------------------------------- generate
+    def _stops(self, p: SamplingParams) -> tuple[int, ...]:
+        return self.cfg.eos_token_ids if p.stop_tokens is None else p.stop_tokens
+
+    def _feed(self, run: Run) -> None:
+        """Hand prompts to the scheduler while fewer than max_seqs requests wait."""
+        while run.unfed and self.scheduler.num_waiting < self.config.max_seqs:
+            i, run.next_prompt = run.next_prompt, run.next_prompt + 1
+            if i in run.skip:
+                continue
+            p = run.plist[i]
+            req = self.scheduler.add_request((run.call, i), run.prompts[i], p.max_new_tokens)
+            run.live[i] = Track(index=i, request=req, stops=frozenset(self._stops(p)),
+                                seed=seed_halves(run.seed if p.seed is None else p.seed),
+                                penalty=p.repetition_penalty is not None, num_top=p.logprobs)
+
+    # ----------------------------------------------------------------------------- the loop
+    def stream(self, prompts, params=None, *, seed: int = 0) -> Iterator[TokenEvent]:
+        """An iterator of `TokenEvent`s, in the order tokens are produced, for every prompt
+        (token-id lists, or text with a tokenizer); params: None (defaults), one `SamplingParams`
+        for all, or one per prompt; `seed` is the seed of the requests whose params.seed is
+        None. Arguments are checked here; the work runs as the iterator is consumed."""
+        return self._events(self._begin(prompts, params, seed))
+
     def generate(self, prompts, params=None, *, seed: int = 0) -> EngineResult:
-        """Generate for every prompt (token-id lists, or text with a tokenizer); params: None
-        (defaults), one `SamplingParams` for all, or one per prompt; `seed` is the seed of the
-        requests whose params.seed is None. Results in prompt order, with `EngineStats`."""
+        """Generate for every prompt (arguments as `stream`, which this consumes). Results in
+        prompt order, with `EngineStats`; non-finite logits raise `NonFiniteLogitsError`."""
+        run = self._begin(prompts, params, seed)
+        collector = Collector(run.plist)
+        with contextlib.closing(self._events(run)) as events:
+            for event in events:
+                collector.add(event)
+        stats = run.stats(self.scheduler.stats, time.perf_counter() - run.start)
+        return collector.result(stats, self.model.tokenizer)
+
+    def abort(self, index: int, reason: str = "abort") -> None:
+        """End request `index` of the stream being iterated: its pages and slot are freed, and
+        its final event (with the tokens produced and not yet yielded, finish_reason `reason`,
+        e.g. 'stop' for a stop string) is the next event the stream yields (after those of
+        earlier aborts)."""
+        run = self._active
+        if run is None:
+            raise validation.InvalidArgument("abort(index) needs a stream being iterated on "
+                                             "this engine, and none is")
+        index = validation.integer("index", index, 0, len(run.prompts) - 1)
+        if not isinstance(reason, str) or not reason:
+            raise validation.fail("reason", reason, "a non-empty str")
+        if index in run.delivered:
+            raise validation.InvalidArgument(
+                f"abort: request {index} already finished (its final event was yielded)")
+        track = run.live.pop(index, None)
+        if track is not None and track.request.state is not RequestState.FINISHED:
+            self.scheduler.abort(track.request, reason)
+        if index >= run.next_prompt:
+            run.skip.add(index)
+        run.abort_event(index, reason)
+
+    def _begin(self, prompts, params, seed) -> Run:
         prompts = self._encode(prompts)
-        plist = _check_params(params, len(prompts))
+        plist = check_params(params, len(prompts))
         seed = validation.seed(seed)
+        self._validate(plist, prompts)
         self._calls += 1
+        return Run(prompts, plist, seed, self._calls, self.scheduler.stats)
+
+    def _events(self, run: Run) -> Iterator[TokenEvent]:
+        if self._active is not None:
+            raise RuntimeError("another stream of this engine is still open: exhaust or close() "
+                               "it before starting the next")
+        self._active = run
+        run.start = time.perf_counter()
+        sp_all = stack_configs([p.config() for p in run.plist], self.cfg.vocab_size)
         try:
-            return self._run(prompts, plist, seed)
+            while True:
+                event = run.next_event()
+                while event is not None:
+                    yield event
+                    event = run.next_event()
+                self._feed(run)
+                if not self.scheduler.has_unfinished:
+                    break
+                run.queue.extend(self._call(run, sp_all))
+        except GeneratorExit:
+            for track in run.live.values():
+                if track.request.state is not RequestState.FINISHED:
+                    self.scheduler.abort(track.request)
+            raise
         except BaseException:
             self._reset()
             raise
+        finally:
+            self._active = None
 
-    def _run(self, prompts, plist, seed) -> EngineResult:
-        before = self.scheduler.stats
-        tracks = [self._track(i, p, sp, seed) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        by_request = {t.request: t for t in tracks}
-        sp_all = stack_configs([p.config() for p in plist], self.cfg.vocab_size)
-        start = time.perf_counter()
-        device_s = 0.0
-        while self.scheduler.has_unfinished:
-            plan = self.scheduler.schedule()
-            slots = [by_request[r] for r in self._slot_requests(plan)]
-            inputs, sp = self._inputs(plan, slots, sp_all)
-            t0 = time.perf_counter()
-            tokens, logprobs, finite, self.kv, self.seen = self.program.step(
-                self.model.params, self.kv, self.seen, inputs, sp)
-            tokens, logprobs, finite = jax.device_get((tokens, logprobs, finite))
-            now = time.perf_counter()
-            device_s += now - t0
-            flags = self._record(plan, slots, tokens, logprobs, finite, now - start)
-            self.scheduler.update(plan, tokens, flags)
-        wall = time.perf_counter() - start
-        return self._result(tracks, before, wall, device_s)
+    def _call(self, run: Run, sp_all) -> list[TokenEvent]:
+        """One device call: plan, run (one step or the decode loop), update; its events."""
+        plan = self.scheduler.schedule(lookahead=self.config.steps_per_call)
+        slots = [run.live[rid[1]] for rid in plan.request_ids]
+        inputs, sp = self._inputs(plan, slots, sp_all)
+        t0 = time.perf_counter()
+        if self.config.steps_per_call > 1 and int(plan.step_limits.max()) > 1:
+            stops = self._stop_table(slots)
+            n, out, self.kv, self.seen = self.program.loop(
+                self.model.params, self.kv, self.seen, inputs, sp, plan.step_limits, stops,
+                num_top=run.num_top, max_steps=self.config.steps_per_call)
+            n, out = jax.device_get((n, out))
+            out = jax.tree.map(lambda a: a[:int(n)], out)
+        else:
+            out, self.kv, self.seen = self.program.step(
+                self.model.params, self.kv, self.seen, inputs, sp, num_top=run.num_top)
+            out = jax.tree.map(lambda a: a[None], jax.device_get(out))
+        now = time.perf_counter()
+        run.device_s += now - t0
+        run.device_calls += 1
+        flags = self._flags(plan, slots, out)
+        multi = len(out.tokens) > 1
+        self.scheduler.update(plan, out.tokens if multi else out.tokens[0],
+                              flags if multi else flags[0])
+        return self._step_events(run, plan, slots, out, now - run.start)
 
-    def _slot_requests(self, plan: StepPlan) -> list[Request]:
-        """The requests of the plan's slots (the scheduler's running set, matched by id)."""
-        by_id = {r.request_id: r for r in self.scheduler.running()}
-        return [by_id[rid] for rid in plan.request_ids]
+    def _flags(self, plan: StepPlan, slots: list[Track], out: StepOutput) -> np.ndarray:
+        """bool [n, S]: the slot finished at that row (stop token or non-finite logits)."""
+        flags = np.zeros(out.tokens.shape, bool)
+        for slot, t in enumerate(slots):
+            if plan.samples[slot]:
+                stop = np.isin(out.tokens[:, slot], list(t.stops)) if t.stops else False
+                flags[:, slot] = stop | ~out.finite[:, slot]
+                t.error = t.error or not out.finite[:, slot].all()
+        return flags
 
-    def _inputs(self, plan: StepPlan, slots: list[_Track], sp_all):
+    def _step_events(self, run: Run, plan: StepPlan, slots: list[Track], out: StepOutput,
+                     now: float) -> list[TokenEvent]:
+        events = []
+        for slot, t in enumerate(slots):
+            if not plan.samples[slot]:
+                continue
+            req, n = t.request, len(out.tokens)
+            reason = None
+            if req.state is RequestState.FINISHED:
+                reason = "error" if t.error else req.finish_reason
+                del run.live[t.index]
+            top = None if t.num_top is None else tuple(
+                tuple(zip(out.top_ids[j, slot, :t.num_top].tolist(),
+                          out.top_logprobs[j, slot, :t.num_top].tolist())) for j in range(n))
+            events.append(TokenEvent(
+                index=t.index, token_ids=tuple(out.tokens[:, slot].tolist()),
+                logprobs=tuple(out.logprobs[:, slot].tolist()), finish_reason=reason,
+                top_logprobs=top))
+            run.note_tokens(t.index, n, now)
+        return events
+
+    def _stop_table(self, slots: list[Track]) -> np.ndarray:
+        """int32 [S, W]: each slot's stop ids, padded with -1 (W a power of two >= 1)."""
+        width = token_bucket(max((len(t.stops) for t in slots), default=1), 1)
+        table = np.full((self.config.max_seqs, width), -1, np.int32)
+        for slot, t in enumerate(slots):
+            table[slot, :len(t.stops)] = sorted(t.stops)
+        return table
+
+    def _inputs(self, plan: StepPlan, slots: list[Track], sp_all):
         s = self.config.max_seqs
         seeds = np.zeros((s, 2), np.uint32)
         token_index = np.zeros(s, np.int32)
@@ -201,7 +297,7 @@ class Engine:
         sp = jax.tree.map(lambda a: a[index], sp_all)
         return step_inputs(plan, rows, seeds, token_index), sp
 
-    def _seen_rows_for(self, slots: list[_Track]) -> np.ndarray:
+    def _seen_rows_for(self, slots: list[Track]) -> np.ndarray:
         """Seen-table rows of the slots: penalty requests keep a row while running (a row is
         filled with the request's tokens when it is (re)admitted); others get max_seqs."""
         s = self.config.max_seqs
@@ -223,42 +319,3 @@ class Engine:
         padded[:len(ids)] = ids
         self.seen = self.program.fill_seen(self.seen, np.int32(row), padded, np.int32(len(ids)))
         return row
-
-    def _record(self, plan: StepPlan, slots, tokens, logprobs, finite, now: float) -> np.ndarray:
-        """Note each sampled token's logprob and time; the finished flags (stop or error)."""
-        flags = np.zeros(self.config.max_seqs, bool)
-        for slot, t in enumerate(slots):
-            if not plan.samples[slot]:
-                continue
-            t.logprobs.append(float(logprobs[slot]))
-            t.first_s = now if t.first_s is None else t.first_s
-            t.last_s = now
-            t.error = not finite[slot]
-            flags[slot] = t.error or int(tokens[slot]) in t.stops
-        return flags
-
-    def _result(self, tracks: list[_Track], before, wall: float, device_s: float) -> EngineResult:
-        after = self.scheduler.stats
-        diff = lambda name: getattr(after, name) - getattr(before, name)
-        generated = diff("generated_tokens")
-        tpot = tuple(None if len(t.logprobs) < 2 else
-                     (t.last_s - t.first_s) / (len(t.logprobs) - 1) for t in tracks)
-        stats = EngineStats(
-            requests=len(tracks), prompt_tokens=diff("prompt_tokens"),
-            prefill_tokens=diff("prefill_tokens"), prefix_hit_tokens=diff("prefix_hit_tokens"),
-            generated_tokens=generated, preemptions=diff("preemptions"), steps=diff("steps"),
-            wall_s=wall, device_s=device_s, tokens_per_s=generated / wall,
-            host_s_per_token=(wall - device_s) / generated,
-            ttft_s=tuple(t.first_s for t in tracks), tpot_s=tpot)
-        tokenizer = self.model.tokenizer
-        result = EngineResult(
-            tokens=[t.request.output for t in tracks], logprobs=[t.logprobs for t in tracks],
-            finish_reasons=["error" if t.error else t.request.finish_reason for t in tracks],
-            text=None if tokenizer is None else [tokenizer.decode(t.request.output)
-                                                 for t in tracks],
-            timings={"wall_s": wall, "device_s": device_s}, stats=stats)
-        bad = [t.index for t in tracks if t.error]
-        if bad:
-            raise NonFiniteLogitsError(f"the model produced non-finite logits (prompts {bad}); "
-                                       "those requests stopped (finish_reason 'error')", result)
-        return result

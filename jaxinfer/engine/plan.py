@@ -60,7 +60,8 @@ class Request:
     num_preemptions: int = 0
     """Times this request was preempted (pages freed, to be recomputed)."""
     finish_reason: str | None = None
-    """'stop' (the caller flagged a stop) or 'length' (max_new_tokens reached) once finished."""
+    """'stop' (the caller flagged a stop), 'length' (max_new_tokens reached) or the reason
+    given to `Scheduler.abort` once finished."""
 
     def __post_init__(self):
         if not self.token_ids:
@@ -97,7 +98,7 @@ class SchedulerStats:
     steps: int = 0
     """Steps planned and updated."""
     finished_requests: int = 0
-    """Requests finished ('stop' or 'length')."""
+    """Requests finished ('stop', 'length' or aborted with a caller's reason)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,11 @@ class StepPlan:
     """int32 [S]: packed row of each slot's last fed token (its logits row); 0 for padding."""
     sample_mask: np.ndarray
     """bool [S]: `samples` as an array, False for padding slots."""
+    step_limits: np.ndarray
+    """int32 [S]: tokens each slot may sample in this device call. 1 for a sampling slot of an
+    ordinary step; in a decode-only step planned with lookahead, up to the lookahead (pages
+    reserved for the extra tokens, capped by max_new_tokens); 0 for non-sampling and padding
+    slots. The device runs at most min(step_limits[:num_seqs]) steps of a decode-only plan."""
 
 
 def token_bucket(num_tokens: int, minimum: int) -> int:
@@ -171,9 +177,10 @@ def _packed_arrays(chunks, starts, lens, query_start, page_table, rows: int, pag
 
 def build_step_plan(step: int, entries: Sequence[tuple[Request, int]], *, num_decode_seqs: int,
                     max_seqs: int, pages_per_seq: int, page_size: int, num_pages: int,
-                    min_token_bucket: int) -> StepPlan:
+                    min_token_bucket: int, step_limits: Sequence[int] | None = None) -> StepPlan:
     """The plan for `entries` (request, tokens to feed) in slot order, from each request's
-    `num_computed` and `pages` (already grown to cover the chunk)."""
+    `num_computed` and `pages` (already grown to cover the chunk); step_limits: per entry, the
+    tokens a sampling slot may sample (default 1)."""
     starts = [req.num_computed for req, _ in entries]
     chunks = [tuple(req.token_ids[s:s + n]) for (req, n), s in zip(entries, starts)]
     lens = np.array([n for _, n in entries], np.int64)
@@ -192,6 +199,9 @@ def build_step_plan(step: int, entries: Sequence[tuple[Request, int]], *, num_de
     sample_rows[:num_seqs] = query_start[1:num_seqs + 1] - 1
     sample_mask = np.zeros(max_seqs, bool)
     sample_mask[:num_seqs] = samples
+    limits = np.zeros(max_seqs, np.int32)
+    limits[:num_seqs] = np.asarray(samples, np.int32) * (
+        1 if step_limits is None else np.asarray(step_limits, np.int32))
     return StepPlan(
         step=step, request_ids=tuple(req.request_id for req, _ in entries),
         chunk_token_ids=tuple(chunks), start_positions=tuple(starts), samples=samples,
@@ -199,4 +209,5 @@ def build_step_plan(step: int, entries: Sequence[tuple[Request, int]], *, num_de
         token_ids=_frozen(token_ids), positions=_frozen(positions),
         slot_mapping=_frozen(slot_mapping), page_table=_frozen(page_table),
         kv_lens=_frozen(kv_lens), query_start=_frozen(query_start),
-        sample_rows=_frozen(sample_rows), sample_mask=_frozen(sample_mask))
+        sample_rows=_frozen(sample_rows), sample_mask=_frozen(sample_mask),
+        step_limits=_frozen(limits))

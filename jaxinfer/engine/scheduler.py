@@ -19,6 +19,15 @@ will re-prefill prompt + generated-so-far (often hitting its own cached pages) a
 oldest running sequence always progresses (every request fits the pool alone, checked at
 `add_request`), so the engine never deadlocks.
 
+Lookahead (`schedule(lookahead=k)`, the on-device multi-step loop): when a step is decode-only
+(no prefill chunk, nobody admitted or preempted), each decode also gets pages, when free or
+evictable ones exist (never by preempting), for up to k - 1 more tokens (at most its remaining
+max_new_tokens); `plan.step_limits` says how many tokens each slot may sample in the call, and
+`update` then takes one row of sampled tokens per step run. Reserved pages stay with the request
+(used by its next tokens, released when it finishes or is preempted).
+
+`abort(request, reason)` ends a waiting or running request between steps (its pages released).
+
 The scheduler is synchronous: `schedule()` plans a step, the caller runs it on the device and
 hands the sampled tokens to `update(plan, ...)` before the next `schedule()`. Pages become
 prefix-cache entries in `update`, after the step that computed them, so no sequence reads a page
@@ -89,7 +98,8 @@ class Scheduler:
         self.prefix_cache = PrefixCache(self.pool, self.page_size)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
-        self._ids: set[Hashable] = set()
+        self._ids: set[Hashable] = set()  # ids of the waiting and running requests
+        self._arrivals = 0
         self._stats = SchedulerStats()
         self._pending: tuple[StepPlan, list[Request]] | None = None
         self._num_steps = 0
@@ -97,12 +107,13 @@ class Scheduler:
     # ----------------------------------------------------------------------------- requests
     def add_request(self, request_id: Hashable, prompt: Sequence[int], max_new_tokens: int,
                     extra_key: str | bytes | None = None) -> Request:
-        """Queue a request; one that cannot fit (too long, more pages than the pool) is an error."""
+        """Queue a request; one that cannot fit (too long, more pages than the pool) is an error,
+        and so is an id of a request still waiting or running (finished ids may be reused)."""
         if request_id in self._ids:
-            raise ValueError(f"request_id {request_id!r} was already added")
+            raise ValueError(f"request_id {request_id!r} is already waiting or running")
         tokens = self._check_prompt(request_id, prompt)
         max_new = _check_int("max_new_tokens", max_new_tokens, 1)
-        self._check_fits(request_id, len(tokens), max_new)
+        self.check_fits(request_id, len(tokens), max_new)
         if isinstance(extra_key, str):
             extra_key = extra_key.encode()
         elif extra_key is None:
@@ -110,8 +121,9 @@ class Scheduler:
         elif not isinstance(extra_key, bytes):
             raise ValueError(f"extra_key must be str, bytes or None, got {extra_key!r}")
         req = Request(request_id=request_id, prompt=tokens, max_new_tokens=max_new,
-                      arrival=len(self._ids), extra_key=extra_key)
+                      arrival=self._arrivals, extra_key=extra_key)
         self._ids.add(request_id)
+        self._arrivals += 1
         self._waiting.append(req)
         self._stats.prompt_tokens += len(tokens)
         return req
@@ -128,7 +140,8 @@ class Scheduler:
                 f"min {arr.min()} max {arr.max()}")
         return tuple(int(t) for t in arr)
 
-    def _check_fits(self, request_id: Hashable, prompt_len: int, max_new: int) -> None:
+    def check_fits(self, request_id: Hashable, prompt_len: int, max_new: int) -> None:
+        """Raise the error `add_request` gives for a request of these sizes that cannot fit."""
         total = prompt_len + max_new
         if total > self.max_model_len:
             raise ValueError(
@@ -172,8 +185,9 @@ class Scheduler:
         return self.prefix_cache.stats()
 
     # ----------------------------------------------------------------------------- schedule
-    def schedule(self) -> StepPlan:
-        """Plan the next step (see the module docstring for the policy)."""
+    def schedule(self, lookahead: int = 1) -> StepPlan:
+        """Plan the next step (see the module docstring for the policy and the lookahead)."""
+        lookahead = _check_int("lookahead", lookahead, 1)
         if self._pending is not None:
             raise RuntimeError(
                 f"step {self._pending[0].step} was planned but not updated: call "
@@ -190,12 +204,26 @@ class Scheduler:
         if not build.preempted:
             self._admit(build)
         entries = list(build.entries.items())
+        decode_only = len(build.decodes) == len(entries) and not build.preempted
+        limits = ([self._reserve(r, lookahead) for r, _ in entries]
+                  if decode_only and lookahead > 1 else None)
         plan = build_step_plan(
             self._num_steps, entries, num_decode_seqs=sum(r in build.decodes for r, _ in entries),
             max_seqs=self.max_seqs, pages_per_seq=self.pages_per_seq, page_size=self.page_size,
-            num_pages=self.num_pages, min_token_bucket=self.min_token_bucket)
+            num_pages=self.num_pages, min_token_bucket=self.min_token_bucket,
+            step_limits=limits)
         self._pending = (plan, [r for r, _ in entries])
         return plan
+
+    def _reserve(self, req: Request, lookahead: int) -> int:
+        """Pages (free or evictable, no preemption) for up to `lookahead` tokens of decode `req`
+        in this call; returns how many tokens it may sample (>= 1: its first one has pages)."""
+        want = min(lookahead, req.max_new_tokens - len(req.output))
+        need = pages_for_tokens(req.num_computed + want, self.page_size) - len(req.pages)
+        if need > 0:
+            req.pages.extend(self.prefix_cache.allocate(
+                min(need, self.prefix_cache.num_available)))
+        return min(want, len(req.pages) * self.page_size - req.num_computed)
 
     def _schedule_running(self, req: Request, build: _StepBuild) -> bool:
         """Give a running request its tokens for this step; False if it got none."""
@@ -215,7 +243,7 @@ class Scheduler:
             n = min(want, room - req.num_computed)
             if n >= 1:
                 need = pages_for_tokens(req.num_computed + n, self.page_size) - len(req.pages)
-                if need:
+                if need > 0:  # pages reserved by an earlier lookahead may already cover it
                     req.pages.extend(self.prefix_cache.allocate(need))
                 return n
             victim = self._running[-1]
@@ -271,22 +299,51 @@ class Scheduler:
                finished_flags: Sequence[bool] | None = None) -> list[Request]:
         """Record the step `plan` ran: slot i's sampled token is `sampled_tokens[i]` (read only
         where `plan.samples[i]`), `finished_flags[i]` True means the caller saw a stop there.
-        Both have num_seqs or max_seqs entries. Returns the requests that finished."""
+        Both have num_seqs or max_seqs entries. A decode-only plan run for n steps on device takes
+        [n, num_seqs or max_seqs] arrays, row j the j-th step's tokens (n at most
+        min(plan.step_limits[:num_seqs]); only the last row may flag a stop). Returns the
+        requests that finished."""
         if self._pending is None or plan is not self._pending[0]:
             expected = None if self._pending is None else self._pending[0].step
             raise ValueError(
                 f"update(plan) got the plan of step {plan.step}, but the step awaiting its "
                 f"update is {expected}")
-        tokens, flags = self._check_outputs(plan, sampled_tokens, finished_flags)
+        tokens, flags = self._check_rows(plan, sampled_tokens, finished_flags)
         finished = []
-        for slot, req in enumerate(self._pending[1]):
-            self._advance(req, len(plan.chunk_token_ids[slot]))
-            if plan.samples[slot] and self._append(req, int(tokens[slot]), bool(flags[slot])):
-                finished.append(req)
+        for j in range(len(tokens)):
+            for slot, req in enumerate(self._pending[1]):
+                self._advance(req, len(plan.chunk_token_ids[slot]) if j == 0 else 1)
+                if plan.samples[slot] and self._append(req, int(tokens[j][slot]),
+                                                       bool(flags[j][slot])):
+                    finished.append(req)
+            self._num_steps += 1
+            self._stats.steps += 1
         self._pending = None
-        self._num_steps += 1
-        self._stats.steps += 1
         return finished
+
+    def _check_rows(self, plan: StepPlan, sampled_tokens, finished_flags):
+        """The outputs as rows (one per step run), each checked by `_check_outputs`."""
+        tokens = np.asarray(sampled_tokens)
+        if tokens.ndim != 2:
+            one, one_flags = self._check_outputs(plan, tokens, finished_flags)
+            return [one], [one_flags]
+        flags = (np.zeros(tokens.shape, bool) if finished_flags is None
+                 else np.asarray(finished_flags))
+        limit = int(plan.step_limits[:plan.num_seqs].min()) if plan.num_seqs else 0
+        if plan.num_decode_seqs != plan.num_seqs or not 1 <= len(tokens) <= limit:
+            raise ValueError(
+                f"sampled_tokens has {len(tokens)} rows (steps); a plan takes several only when "
+                f"it is decode-only, at most min(step_limits)={limit} (this plan: "
+                f"{plan.num_decode_seqs} of {plan.num_seqs} slots decode)")
+        if flags.shape[:1] != tokens.shape[:1]:
+            raise ValueError(f"finished_flags must have one row per row of sampled_tokens "
+                             f"({len(tokens)}), got shape {flags.shape}")
+        rows = [self._check_outputs(plan, t, f) for t, f in zip(tokens, flags)]
+        early = np.flatnonzero(np.asarray([r[1][:plan.num_seqs].any() for r in rows[:-1]]))
+        if early.size:
+            raise ValueError(f"finished_flags flags a stop at step row {int(early[0])}, before "
+                             f"the last row {len(rows) - 1}: the device must stop at a stop")
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def _check_outputs(self, plan: StepPlan, sampled_tokens, finished_flags):
         tokens = np.asarray(sampled_tokens)
@@ -324,6 +381,30 @@ class Scheduler:
         for b in range(start // self.page_size, req.num_computed // self.page_size):
             self.prefix_cache.insert(req.block_hashes[b], req.pages[b])
 
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """End a waiting or running request now (between steps): finish_reason `reason`, pages
+        released (a running request's computed full pages stay in the prefix cache)."""
+        if self._pending is not None:
+            raise RuntimeError(f"abort during step {self._pending[0].step}: call update first")
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"abort reason must be a non-empty str, got {reason!r}")
+        if req.state is RequestState.FINISHED or req.request_id not in self._ids:
+            raise ValueError(f"request {req.request_id!r} is not waiting or running "
+                             f"(state {req.state.value})")
+        if req.state is RequestState.WAITING:
+            self._waiting.remove(req)
+        else:
+            self._running.remove(req)
+            self.prefix_cache.release(req.pages)
+            req.pages = []
+        req.finish_reason = reason
+        self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        req.state = RequestState.FINISHED
+        self._ids.discard(req.request_id)
+        self._stats.finished_requests += 1
+
     def _append(self, req: Request, token: int, stop: bool) -> bool:
         """Append a sampled token; finish and release the request if done. True if finished."""
         req.token_ids.append(token)
@@ -337,6 +418,5 @@ class Scheduler:
         self._running.remove(req)
         self.prefix_cache.release(req.pages)
         req.pages = []
-        req.state = RequestState.FINISHED
-        self._stats.finished_requests += 1
+        self._finish(req)
         return True

@@ -1,0 +1,144 @@
+"""The on-device multi-step decode loop and the jitted programs of the engine.
+
+`decode_loop` runs up to `max_steps` engine steps of a decode-only `StepPlan` in one device call
+(`lax.while_loop`): each step feeds every slot the token it sampled in the previous step (the
+plan's tokens in the first), one position further, its K/V written into the pages the scheduler
+reserved (`Scheduler.schedule(lookahead=...)`). The page table, the sampling parameters and the
+slots stay fixed. It returns after step j when j + 1 reaches min(step_limits) over the slots
+(pages reserved or max_new_tokens left), when some slot sampled one of its stop tokens or had
+non-finite logits, or when max_steps steps ran. Every step is exactly `engine_step`, so a
+request's tokens (greedy or sampled: token i uses fold_in(key(seed), i)) equal those of single
+steps.
+
+Decode-only layout (`jaxinfer.engine.plan`): slot i owns packed row i (T >= num_seqs rows, the rest
+padding), so the next step's inputs are computed on device from the sampled tokens [S].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer import axes as ax
+from jaxinfer import model as model_lib
+from jaxinfer import placement
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.device import PagedKV, StepInputs, StepOutput, engine_step, fill_seen_row
+from jaxinfer.sampling import DeviceSampling
+
+
+def next_decode_inputs(inp: StepInputs, tokens: jax.Array, page_size: int,
+                       num_pages: int) -> StepInputs:
+    """The inputs of the next decode step: row r < num_seqs (= slot r) feeds tokens[r] one
+    position further; padding rows stay padding."""
+    rows = jnp.arange(inp.token_ids.shape[0])  # [T]
+    real = rows < inp.num_seqs
+    positions = jnp.where(real, inp.positions + 1, 0)
+    slot_of_row = jnp.minimum(rows, inp.page_table.shape[0] - 1)
+    pages = inp.page_table[slot_of_row, positions // page_size]  # [T]
+    slot_mapping = jnp.where(real, pages * page_size + positions % page_size,
+                             num_pages * page_size)
+    slots = jnp.arange(inp.kv_lens.shape[0])
+    return inp.replace(
+        token_ids=jnp.where(real, jnp.take(tokens, slot_of_row), 0),
+        positions=positions, slot_mapping=slot_mapping,
+        kv_lens=jnp.where(slots < inp.num_seqs, inp.kv_lens + 1, 0),
+        token_index=inp.token_index + 1)
+
+
+def decode_loop(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: DeviceSampling,
+                step_limits: jax.Array, stops: jax.Array, cfg: ModelConfig,
+                rt: model_lib.Runtime, num_top: int = 0, max_steps: int = 8):
+    """Up to max_steps decode steps (see the module docstring) -> (steps run: int32 scalar,
+    StepOutput with a leading [max_steps] axis (rows past the steps run are zeros), kv, seen).
+
+    step_limits int32 [S]: tokens each slot may sample (ignored on non-sampling slots);
+    stops int32 [S, W]: each slot's stop token ids, padded with -1."""
+    active = inp.sample_mask  # [S]
+    bound = jnp.minimum(max_steps, jnp.min(jnp.where(active, step_limits, max_steps)))
+    s = active.shape[0]
+    buffers = StepOutput(
+        tokens=jnp.zeros((max_steps, s), jnp.int32),
+        logprobs=jnp.zeros((max_steps, s), jnp.float32),
+        finite=jnp.zeros((max_steps, s), bool),
+        top_ids=jnp.zeros((max_steps, s, num_top), jnp.int32),
+        top_logprobs=jnp.zeros((max_steps, s, num_top), jnp.float32))
+
+    def cond(carry):
+        j, stopped = carry[0], carry[1]
+        return (j < bound) & ~stopped
+
+    def body(carry):
+        j, _, kv, seen, inp, out = carry
+        step, kv, seen = engine_step(params, kv, seen, inp, sp, cfg, rt, num_top)
+        out = jax.tree.map(lambda buf, x: buf.at[j].set(x), out, step)
+        hit = jnp.any(step.tokens[:, None] == stops, axis=-1) | ~step.finite  # [S]
+        inp = next_decode_inputs(inp, step.tokens, kv.page_size, kv.num_pages)
+        return j + 1, jnp.any(active & hit), kv, seen, inp, out
+
+    j, _, kv, seen, _, out = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), jnp.bool_(False), kv, seen, inp, buffers))
+    return j, out, kv, seen
+
+
+def pool_specs(kv: PagedKV, sh) -> PagedKV:
+    """PartitionSpecs of a pool under a phase sharding: pages and slots whole on every chip, KV
+    heads split like the dense cache's (`PhaseSharding.cache` rules)."""
+    pages = sh.cache.spec((None, ax.ACT_KV_HEADS, None, None))  # [P, K, page, H]
+    scales = sh.cache.spec((None, ax.ACT_KV_HEADS, None))  # [P, K, page]
+    layers = lambda spec, buffers: None if buffers is None else tuple(spec for _ in buffers)
+    return PagedKV(k=layers(pages, kv.k), v=layers(pages, kv.v),
+                   k_scale=layers(scales, kv.k_scale), v_scale=layers(scales, kv.v_scale))
+
+
+def check_engine_sharding(rt: model_lib.Runtime) -> None:
+    """The engine packs every step into one row: its layout must keep the residual's batch whole
+    and shard attention over heads."""
+    sh = rt.sharding
+    if rt.lc.attention != "heads" or any(sh.row_spec()):
+        raise ValueError(
+            f"the engine runs a plan's decode layout only with attention sharded over heads and "
+            f"the batch unsplit; this plan's decode phase has attention={rt.lc.attention!r} and "
+            f"rows split as {sh.row_spec()}")
+
+
+class StepProgram:
+    """The jitted engine step, on-device decode loop and seen-row fill of one model (the pool
+    and the seen table donated). On a mesh of several devices each program is the per-chip
+    function under one `jax.shard_map`: parameters by their placement specs, the pool over KV
+    heads (`pool_specs`), everything else (inputs, sampling, outputs, seen table) replicated, so
+    every chip samples the same tokens from the same gathered logits."""
+
+    def __init__(self, cfg: ModelConfig, rt: model_lib.Runtime, pool: PagedKV):
+        self.cfg, self.rt = cfg, rt
+        step = functools.partial(engine_step, cfg=cfg, rt=rt)
+        loop = functools.partial(decode_loop, cfg=cfg, rt=rt)
+        sh = rt.sharding
+        self.kv_specs = pool_specs(pool, sh)
+        if sh.mesh.size > 1:
+            check_engine_sharding(rt)
+            params = placement.param_specs(cfg, rt.quantization, sh)
+            rep = P()
+            step = self._sharded(step, (params, self.kv_specs, rep, rep, rep),
+                                 (rep, self.kv_specs, rep), ("num_top",))
+            loop = self._sharded(loop, (params, self.kv_specs, rep, rep, rep, rep, rep),
+                                 (rep, rep, self.kv_specs, rep), ("num_top", "max_steps"))
+        self.step = jax.jit(step, static_argnames=("num_top",), donate_argnums=(1, 2))
+        self.loop = jax.jit(loop, static_argnames=("num_top", "max_steps"),
+                            donate_argnums=(1, 2))
+        self.fill_seen = jax.jit(fill_seen_row, donate_argnums=(0,))
+
+    def _sharded(self, fn, in_specs, out_specs, static: tuple[str, ...]):
+        """fn(*arrays, **static) under shard_map over the phase's mesh (static keywords bound
+        before mapping)."""
+        mesh = self.rt.sharding.mesh
+
+        def mapped(*args, **kwargs):
+            bound = functools.partial(fn, **{k: kwargs[k] for k in static})
+            return jax.shard_map(bound, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False)(*args)
+
+        return mapped
