@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxinfer import api, checkpoint
 from jaxinfer.config import ModelConfig
-from jaxinfer.generate import MIN_BATCH_BUCKET, MIN_PROMPT_BUCKET, bucket
+from jaxinfer.generate import MIN_PROMPT_BUCKET, bucket
 from partitioning import audit as audit_lib
 from partitioning import calibrate
 from partitioning.cost_model import WEIGHT_BYTES, Workload
@@ -207,7 +207,7 @@ def _audit(cfg: ModelConfig, args, wl: Workload, plan: PhasePlan):
     mesh = make_mesh(plan.mesh, jax.devices()[:plan.mesh.n])
     # the shapes generate compiles for this request: batch and prompt buckets
     multiple = math.lcm(*(s.batch_multiple for s in plan_shardings(full, cfg, mesh)))
-    batch = -(-bucket(wl.batch, MIN_BATCH_BUCKET) // multiple) * multiple
+    batch = -(-bucket(wl.batch, 1) // multiple) * multiple
     tokens = wl.tokens if plan.phase == "decode" else bucket(wl.tokens, MIN_PROMPT_BUCKET,
                                                              cfg.max_context)
     hlo = api.compiled_hlo(cfg, plan.phase, batch, wl.context, tokens, dtype=dtype, plan=full,

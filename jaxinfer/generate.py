@@ -26,13 +26,6 @@ from jaxinfer.sampling import SamplingConfig
 
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 8
-MIN_BATCH_BUCKET = 2
-"""One prompt decodes as a batch of 2 (one padding row): with a batch of 1, XLA:CPU duplicates
-each layer's cache write into the attention dot's squeezed operand and copies every cache
-buffer 4 times per step (compiled decode loop: 32 copies of the cache buffers at batch 1, none
-at batch 2); the padding row costs one more row of small matmuls."""
-
-
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     """Smallest power of two >= n (and >= minimum), capped at maximum when given (maximum >= n)."""
     size = max(minimum, 1 << max(0, (n - 1).bit_length()))
@@ -117,7 +110,7 @@ class Generator:
 
     def batch_bucket(self, n: int) -> int:
         multiple = self.batch_multiple
-        return -(-bucket(n, MIN_BATCH_BUCKET) // multiple) * multiple
+        return -(-bucket(n, 1) // multiple) * multiple
 
     def prompt_bucket(self, longest: int) -> int:
         return bucket(longest, MIN_PROMPT_BUCKET, self.cfg.max_context)
