@@ -1,7 +1,8 @@
 """Checkpoint sources: Hugging Face directories and jaxinfer's own orbax checkpoints.
 
 A jaxinfer checkpoint directory holds ``jaxinfer.json`` (format version, `ModelConfig`, dtype),
-``params/`` (an orbax-checkpoint pytree) and, when the model has one, ``tokenizer.json``.
+``params/`` (an orbax-checkpoint pytree) and, when the model has one, ``tokenizer.json`` (and the
+``tokenizer_config.json`` beside it: special tokens, chat template).
 A quantized model records ``"quantization": {"bits", "group_size"}`` in ``jaxinfer.json`` and
 stores each `QuantizedWeight` as its ``data`` and ``scale`` arrays, restored without re-quantizing.
 """
@@ -127,6 +128,9 @@ def write_checkpoint(directory: str, cfg: ModelConfig, params: Params,
     checkpointer.wait_until_finished()
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.json"))
+        config = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
+        if os.path.isfile(config):  # special tokens and the chat template travel with it
+            shutil.copyfile(config, os.path.join(directory, "tokenizer_config.json"))
     meta = {"format": "jaxinfer", "version": FORMAT_VERSION, "config": cfg.to_dict(),
             "dtypes": dtypes}
     if quantization is not None:

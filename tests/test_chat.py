@@ -108,3 +108,13 @@ def test_template_and_message_errors():
         chat.render(_Tok(TEMPLATE), [{"role": "user"}])
     with pytest.raises(jaxinfer.InvalidArgument, match="messages must be a non-empty list"):
         chat.render(_Tok(TEMPLATE), "hello")
+
+
+def test_save_keeps_the_chat_template(chat_checkpoint, tmp_path):
+    """`Model.save` copies tokenizer_config.json beside tokenizer.json: the reloaded model chats
+    exactly as the original."""
+    m = jaxinfer.load(str(chat_checkpoint))
+    m.save(str(tmp_path / "saved"))
+    again = jaxinfer.load(str(tmp_path / "saved"))
+    assert again.tokenizer.chat_template == TEMPLATE
+    assert again.chat(MESSAGES, max_new_tokens=4).tokens == m.chat(MESSAGES, max_new_tokens=4).tokens

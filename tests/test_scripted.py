@@ -221,26 +221,3 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"jaxinfer {jaxinfer.__version__}"
 
-
-def test_two_processes_write_one_file_equal_to_one_process(tmp_path, reference):
-    """Under jax.distributed only process 0 reads the input and writes the output: 2 processes
-    with one output path end with every id exactly once, equal to the one-process run, and a
-    rerun of the same command over the finished file adds nothing."""
-    from procs import free_port, run_processes
-
-    inp, want = reference
-    out = str(tmp_path / "out.jsonl")
-    cli = ["-m", "jaxinfer", "generate", "--input", inp, "--output", out]
-    port = free_port()
-    argvs = [cli + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                    "--process-id", str(pid), "--local-devices", "1"] for pid in range(2)]
-    for rc, stdout, stderr in run_processes(argvs, timeout=300, separate_stderr=True):
-        assert rc == 0, stderr[-3000:]
-    got = _by_id(_records(out))
-    assert got == want
-    port = free_port()
-    argvs = [cli + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                    "--process-id", str(pid), "--local-devices", "1"] for pid in range(2)]
-    for rc, stdout, stderr in run_processes(argvs, timeout=300, separate_stderr=True):
-        assert rc == 0, stderr[-3000:]
-    assert _by_id(_records(out)) == want
