@@ -286,6 +286,15 @@ def compiled_hlo(config: ModelConfig, phase: str, batch: int, context: int,
     return program.lower(*args).compile().as_text()
 
 
+def step_shape(config: ModelConfig, phase: str, batch: int, prompt_len: int, *, plan=None,
+               mesh=None) -> tuple[int, int]:
+    """(rows, tokens per row) of the step `generate` compiles for `batch` prompts of
+    `prompt_len` tokens: the batch and prompt buckets (decode: one token per row)."""
+    generator = _generator(config, _shardings(config, plan, mesh), "xla", None, jnp.float32)
+    tokens = 1 if phase == "decode" else generator.prompt_bucket(prompt_len)
+    return generator.batch_bucket(batch), tokens
+
+
 def export_step(config: ModelConfig, phase: str, batch: int, context: int,
                 prompt_len: int | None = None, *, platform: str, dtype="bfloat16",
                 quantize: str | None = None, group_size: int | None = None,

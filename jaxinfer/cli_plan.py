@@ -16,11 +16,9 @@ import jax.numpy as jnp
 
 from jaxinfer import api, checkpoint
 from jaxinfer.config import ModelConfig
-from jaxinfer.generate import MIN_PROMPT_BUCKET, bucket
 from partitioning import audit as audit_lib
 from partitioning import calibrate
 from partitioning.cost_model import WEIGHT_BYTES, Workload
-from partitioning.execution import plan_shardings
 from partitioning.hardware import get_hardware
 from partitioning.mesh import MeshShape, make_mesh
 from partitioning.plan import ATTENTION, LAYOUTS, Plan, PhasePlan
@@ -205,11 +203,7 @@ def _audit(cfg: ModelConfig, args, wl: Workload, plan: PhasePlan):
                      plan.attention, plan.mesh)
     full = Plan(plan, twin) if plan.phase == "prefill" else Plan(twin, plan)
     mesh = make_mesh(plan.mesh, jax.devices()[:plan.mesh.n])
-    # the shapes generate compiles for this request: batch and prompt buckets
-    multiple = math.lcm(*(s.batch_multiple for s in plan_shardings(full, cfg, mesh)))
-    batch = -(-bucket(wl.batch, 1) // multiple) * multiple
-    tokens = wl.tokens if plan.phase == "decode" else bucket(wl.tokens, MIN_PROMPT_BUCKET,
-                                                             cfg.max_context)
+    batch, tokens = api.step_shape(cfg, plan.phase, wl.batch, wl.tokens, plan=full, mesh=mesh)
     hlo = api.compiled_hlo(cfg, plan.phase, batch, wl.context, tokens, dtype=dtype, plan=full,
                            mesh=mesh)
     size = 4.0 if f32 else 2.0

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import decode_loop as loop_lib
+from jaxinfer import validation
 from jaxinfer import placement
 from jaxinfer.cache import KVCache
 from jaxinfer.programs import Programs, state_specs
@@ -119,16 +120,11 @@ class Generator:
         cfg = self.cfg
         if len(prompts) == 0:
             raise ValueError("no prompts given")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        validation.max_new_tokens(max_new_tokens)
+        validation.ids_in_vocab(prompts, cfg.vocab_size)
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty: at least one token is needed")
-            bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
-                                 f"[0, {cfg.vocab_size})")
             if len(prompt) + max_new_tokens > cfg.max_context:
                 raise ValueError(
                     f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -128,6 +128,16 @@ def token_ids(name: str, value: Any) -> list[int]:
         if not _is_int(t):
             raise fail(f"{name}[{i}]", t, "an int token id (not a float or bool)")
     return [int(t) for t in items]
+
+
+def ids_in_vocab(sequences, vocab: int, item: str = "prompt {i}") -> None:
+    """Raise `InvalidArgument` naming the first token id of `sequences` outside [0, vocab);
+    `item` names sequence i in the message."""
+    for i, seq in enumerate(sequences):
+        bad = [t for t in seq if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"{item.format(i=i)} has token id {bad[0]} outside the "
+                                  f"vocabulary [0, {vocab})")
 
 
 def _text(name: str, text: str) -> str:

@@ -109,12 +109,7 @@ class Engine:
                 raise validation.InvalidArgument(
                     "text prompts need a tokenizer, and this model has none: pass token ids")
             prompts = [self.model.tokenizer.encode(p) for p in prompts]
-        vocab = self.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise validation.InvalidArgument(
-                    f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        validation.ids_in_vocab(prompts, self.cfg.vocab_size, item="prompts[{i}]")
         return prompts
 
     def _validate(self, plist: list[SamplingParams], prompts: list[list[int]]) -> None:
