@@ -18,7 +18,10 @@ Resume: ids that already have a record in the output are skipped, so a rerun aft
 kill -9 or Ctrl-C completes the file with every id exactly once. Each request's result depends
 only on itself (greedy, or its seed: `seed` field or --seed), so the file equals an uninterrupted
 run's up to line order. A torn last line (a write cut short) is truncated before resuming.
-Under jax.distributed only process 0 reads and writes files; every process runs the requests.
+Under jax.distributed only process 0 reads and writes files: it reads the input and the output
+so far and broadcasts the plan (pending requests, error records, counts), so every process runs
+the same requests through the same engine calls; an error reading or opening them fails every
+process.
 """
 
 from __future__ import annotations
@@ -305,11 +308,12 @@ def _plan(input_path: str, output_path: str, defaults: dict, tokenizer):
 def run_batch(model, input_path: str, output_path: str, defaults: dict, seed: int,
               engine_config=None) -> int:
     """Run the batch (see the module docstring); 0 when every request succeeded, else 1."""
-    plan = None
+    plan, writer = None, None
     if distributed.is_leader():  # the others learn the plan, or the leader's error
         try:
             pending, bad, done, total = _plan(input_path, output_path, defaults,
                                               model.tokenizer)
+            writer = ResultWriter(output_path)  # an unwritable output fails every process
             plan = {"plan": ([dataclasses.asdict(r) for r in pending], bad, len(done),
                              sum(done.values()), total)}
         except (OSError, ValueError) as err:
@@ -322,7 +326,6 @@ def run_batch(model, input_path: str, output_path: str, defaults: dict, seed: in
     wire, bad, already, failed_before, total = plan["plan"]
     pending = [BatchRequest(r["line"], r["id"], r["tokens"], SamplingParams(**r["params"]),
                             streaming.TextOptions(**r["options"])) for r in wire]
-    writer = ResultWriter(output_path) if distributed.is_leader() else None
     counts = {"failed": failed_before, "new": 0, "tokens": 0}
     start = time.perf_counter()
     with _progress(total, already) as progress:

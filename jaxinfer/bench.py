@@ -240,11 +240,24 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--checkpoint", default=None,
                    help="reuse a checkpoint dir (default: build a random one in a temp dir)")
+    g = p.add_argument_group("engine benchmark (--engine)")
+    g.add_argument("--engine", action="store_true",
+                   help="benchmark the continuous-batching engine on issue 14's skewed workload "
+                        "against jaxinfer and Hugging Face static batches and the roofline "
+                        "(jaxinfer.bench_engine); ignores --batch/--prompt-len/--new-tokens")
+    g.add_argument("--model", default="30m", choices=("30m", "125m"),
+                   help="engine benchmark model shape (random weights) (default: %(default)s)")
+    g.add_argument("--requests", type=int, default=512,
+                   help="engine benchmark requests (default: %(default)s)")
+    g.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the engine benchmark's report as JSON to FILE")
     distributed.add_distributed_args(p)
     p.set_defaults(handler=run_bench)
 
 
 def run_bench(args) -> int:
+    if args.engine:
+        return run_engine_bench(args)
     distributed.initialize_from_args(args)
     with distributed.native_stdout_to_stderr():
         return _bench_and_print(args)
@@ -280,6 +293,23 @@ def _bench_and_print(args) -> int:
         progress.advance(task)
     if leader:
         print_table(rows, args, bandwidth, ttft)
+    return 0
+
+
+def run_engine_bench(args) -> int:
+    """`jaxinfer bench --engine`: one process (the engine's multi-process runs are not
+    benchmarked)."""
+    from jaxinfer import bench_engine, validation
+
+    if args.num_processes not in (None, 1):
+        raise validation.InvalidArgument("bench --engine runs in one process: drop "
+                                         "--num-processes")
+    validation.integer("--requests", args.requests, 1)
+    report = bench_engine.run(args.model, args.requests, hf=not args.no_hf)
+    bench_engine.print_report(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
     return 0
 
 

@@ -17,7 +17,7 @@ from jaxinfer.batch import json_line
 from jaxinfer.config import ConfigError
 from jaxinfer.generate import NonFiniteLogitsError
 from jaxinfer.hf_weights import CheckpointError
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from pallas_kernels import BACKENDS, INTERPRET_BACKENDS
 
 USER_ERRORS = (ValueError, CheckpointError, ConfigError, distributed.DistributedError,
@@ -48,6 +48,17 @@ def _token_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--tokens must be comma-separated ints, got {text!r}")
+
+
+def _logprobs_count(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, {MAX_TOP_LOGPROBS}] "
+                                         f"(alternatives per token; 0 = none), got {text!r}")
+    return k
 
 
 def add_generate_parser(sub) -> None:
@@ -91,6 +102,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--n", type=int, default=1, help="completions per prompt (seeds seed, "
                    "seed + 1, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (per request)")
+    p.add_argument("--logprobs", type=_logprobs_count, default=0, metavar="K",
+                   help=f"per generated token, also give its K most likely alternatives "
+                   f"(token id, logprob), K in [0, {MAX_TOP_LOGPROBS}] (default: 0, none): "
+                   "printed as a 'top_logprobs' JSON line after each result ('top_logprobs' "
+                   "field with --json); in batch mode the default of lines without 'logprobs'")
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (one prompt; with --json one JSON "
                    "object per event)")
@@ -219,9 +235,11 @@ def _check_modes(args) -> None:
 
 
 def _sampling_keywords(args) -> dict:
+    """The SamplingParams fields the flags set (--logprobs 0: None, no alternatives)."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens)
+                repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_tokens,
+                logprobs=args.logprobs or None)
 
 
 def _generate_and_print(args) -> int:
@@ -241,12 +259,16 @@ def _generate_and_print(args) -> int:
         prompts = [model.tokenizer.encode(
             chat.render(model.tokenizer, [{"role": "user", "content": p}]),
             add_special_tokens=False) for p in prompts]
-    keywords = dict(_sampling_keywords(args), seed=args.seed)
+    keywords = _sampling_keywords(args)
     if args.stream:
-        _print_stream(args, model.stream(prompts, stop=args.stop, n=args.n, **keywords))
+        _print_stream(args, model.stream(prompts, stop=args.stop, n=args.n, seed=args.seed,
+                                         **keywords))
         return 0
+    # top logprobs come from the engine: SamplingParams run it (the static batch has none)
+    sampling = ({"params": SamplingParams(**keywords)} if args.logprobs else
+                {k: v for k, v in keywords.items() if k != "logprobs"})
     try:
-        result = model.generate(prompts, stop=args.stop, n=args.n, **keywords)
+        result = model.generate(prompts, stop=args.stop, n=args.n, seed=args.seed, **sampling)
     except NonFiniteLogitsError as err:  # the other requests' results are still printed
         if distributed.is_leader():
             _print_results(args, err.result)
@@ -300,6 +322,8 @@ def _print_results(args, result) -> None:
             print(prefix + text)
         else:
             print(",".join(map(str, result.tokens[i])))
+        if not args.json and top is not None and top[i] is not None:
+            print("top_logprobs " + json_line([[list(alt) for alt in tok] for tok in top[i]]))
 
 
 # Each entry adds one subcommand parser and binds its handler with `set_defaults(handler=...)`.

@@ -209,6 +209,22 @@ def broadcast_from_process_zero(obj):
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
 
 
+def min_over_processes(value: int) -> int:
+    """The least of every process's non-negative int `value` (e.g. a size each process derives
+    from its own devices' free memory), returned on every process; a no-op in a single process.
+    A collective: every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"min_over_processes takes a non-negative int, got {value}")
+    halves = np.asarray([value >> 31, value & 0x7FFFFFFF], np.int32)  # int32: no jax x64 needed
+    gathered = np.asarray(multihost_utils.process_allgather(halves)).reshape(-1, 2)
+    return min((int(hi) << 31) | int(lo) for hi, lo in gathered)
+
+
 def is_leader() -> bool:
     """True on process 0 (the one that prints and writes results)."""
     return jax.process_index() == 0

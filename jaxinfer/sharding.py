@@ -181,8 +181,11 @@ class PhaseSharding:
 
     @classmethod
     def single_device(cls, device=None) -> "PhaseSharding":
-        """The unsharded model: a 1-device mesh, no rules, every collective a no-op."""
-        device = jax.devices()[0] if device is None else device
+        """The unsharded model: a 1-device mesh, no rules, every collective a no-op. The device
+        defaults to this process's first device: under jax.distributed each process runs its
+        own copy of an unpartitioned model (`jax.devices()[0]` is process 0's, which no other
+        process can address)."""
+        device = jax.local_devices()[0] if device is None else device
         mesh = Mesh(np.array([device]).reshape(1, 1, 1), ("x", "y", "z"))
         return cls(mesh, ShardingRules(), ShardingRules(), ShardingRules(), LayerCollectives())
 

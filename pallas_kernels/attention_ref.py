@@ -73,6 +73,15 @@ def _check_cache_scale(cache: jax.Array, scale: jax.Array | None) -> None:
                          f"got {scale.shape}")
 
 
+CACHE_MAJOR_MIN_LEN = 256
+"""Cache length from which `decode_attention_ref` computes scores cache-major ([B, K, S, G])."""
+
+
+def _scale_cache_major(scale):
+    """int8 cache scales [B, K, S] -> [B, K, S, 1] (None stays None)."""
+    return None if scale is None else scale[..., None]
+
+
 def decode_attention_ref(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=None,
                          sm_scale=None):
     """Reference for `decode_attention`: q [B, N, H] attends to cache positions < lengths[b].
@@ -92,15 +101,26 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=
     k = k_cache.astype(compute) if k_scale is not None else k_cache  # int8 -> q dtype is exact
     v = v_cache.astype(compute) if v_scale is not None else v_cache
     qg = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
-    scores = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
-    scale = sm_scale if k_scale is None else sm_scale * k_scale[:, :, None, :]  # [B, K, 1, S]
-    visible = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    scores = jnp.where(visible, scores * scale, MASK_VALUE)  # [B, K, G, S]
-    probs = jnp.where(visible, jnp.exp(scores - jnp.max(scores, -1, keepdims=True)), 0.0)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)  # [B, K, G, 1]
-    if v_scale is not None:
-        probs = probs * v_scale[:, :, None, :]
-    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v.dtype), v,
+    # cache-major score layout [B, K, S, G]: XLA:CPU contracts the few query heads against a long
+    # cache several times faster this way (measured 4x at B 32 x S 640); short caches are faster
+    # with the query rows first
+    if s_len >= CACHE_MAJOR_MIN_LEN:
+        scores = jnp.einsum("bksh,bkgh->bksg", k, qg, preferred_element_type=jnp.float32)
+        axis, k_scale_b, v_scale_b = 2, _scale_cache_major(k_scale), _scale_cache_major(v_scale)
+        visible = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, :, None]  # [B,1,S,1]
+    else:
+        scores = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
+        axis = 3
+        k_scale_b, v_scale_b = (None if s is None else s[:, :, None, :] for s in (k_scale, v_scale))
+        visible = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]  # [B,1,1,S]
+    scale = sm_scale if k_scale_b is None else sm_scale * k_scale_b
+    scores = jnp.where(visible, scores * scale, MASK_VALUE)
+    probs = jnp.where(visible, jnp.exp(scores - jnp.max(scores, axis, keepdims=True)), 0.0)
+    denom = jnp.sum(probs, axis=axis)[..., None]  # [B, K, G, 1]
+    if v_scale_b is not None:
+        probs = probs * v_scale_b
+    contract = "bksg,bksh->bkgh" if axis == 2 else "bkgs,bksh->bkgh"
+    out = jnp.einsum(contract, probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)  # [B, K, G, H]
     out = out / jnp.where(denom == 0.0, 1.0, denom)
     return out.reshape(b, n, h).astype(q.dtype)

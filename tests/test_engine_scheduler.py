@@ -13,6 +13,7 @@ import pytest
 from jaxinfer.engine import (PagePool, PagePoolError, PrefixCache, RequestState, Scheduler,
                              StepPlan)
 from jaxinfer.engine.pages import build_page_table, page_table_row
+from jaxinfer.engine.plan import MIN_PAGE_BUCKET
 from jaxinfer.engine.prefix_cache import ROOT_HASH, block_hash, extend_block_hashes
 
 VOCAB = 50
@@ -96,6 +97,12 @@ def check_plan(plan: StepPlan, sched: Scheduler) -> None:
     np.testing.assert_array_equal(plan.sample_mask[:n], plan.samples)
     assert not plan.sample_mask[n:].any()
     by_id = {r.request_id: r for r in sched.running()}
+    # the table is only as wide as the longest slot needs: a power of two (>= MIN_PAGE_BUCKET)
+    # below twice its page count, or the max_model_len width
+    width, most = plan.page_table.shape[1], max(len(by_id[r].pages) for r in plan.request_ids)
+    assert most <= width <= sched.pages_per_seq
+    assert width == sched.pages_per_seq or (
+        width & (width - 1) == 0 and width < max(2 * most, MIN_PAGE_BUCKET + 1))
     for i, rid in enumerate(plan.request_ids):
         req = by_id[rid]
         assert len(req.pages) == -(-int(plan.kv_lens[i]) // ps)  # rows cover kv_lens exactly

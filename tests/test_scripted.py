@@ -210,7 +210,7 @@ def test_help_shows_defaults_and_every_flag_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 32)" in text and "tpu-interpret" in text
+    assert "(default: 32)" in text and "tpu-interpret" in text and "(default: 0, none)" in text
 
 
 def test_version(capsys):
@@ -221,3 +221,104 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"jaxinfer {jaxinfer.__version__}"
 
+
+
+def _two_processes(cli, outputs, timeout=120):
+    """Run `cli` in 2 processes x 1 CPU device (outputs[pid]: its --input/--output pair)."""
+    from procs import free_port, run_processes
+
+    port = free_port()
+    return run_processes([cli + ["--input", inp, "--output", out, "--coordinator",
+                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                 str(pid), "--local-devices", "1"]
+                          for pid, (inp, out) in enumerate(outputs)],
+                         timeout=timeout, separate_stderr=True)
+
+
+def _assert_same_results(got: dict, want: dict) -> None:
+    """Records by id equal: tokens, text, errors exactly; logprobs to float32 rounding (a
+    process with one CPU device and this one with 8 may split a reduction differently)."""
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        g = dict(got[key])
+        assert g.pop("logprobs", None) == pytest.approx(w.get("logprobs"), rel=1e-4, abs=1e-5)
+        top = g.pop("top_logprobs", None)
+        want_top = w.get("top_logprobs")
+        assert (top is None) == (want_top is None), key
+        for alts, want_alts in zip(top or (), want_top or ()):
+            assert [a[0] for a in alts] == [a[0] for a in want_alts], key
+            assert [a[1] for a in alts] == pytest.approx([a[1] for a in want_alts], rel=1e-4,
+                                                         abs=1e-5)
+        assert g == {k: v for k, v in w.items() if k not in ("logprobs", "top_logprobs")}, key
+
+
+def test_two_processes_write_one_file_equal_to_one_process_and_resume(tmp_path):
+    """Under jax.distributed only process 0 reads the input and writes the output (process 1 is
+    given paths it never touches: a missing input, an output in an empty directory); the file
+    holds every id once (a bad line as an error record, exit status 1) with the one-process
+    tokens, and a rerun over it cut to 2 records and a torn line completes it alike."""
+    inp = _write_input(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "def f(x):", "max_new_tokens": 4},
+        {"id": "b", "prompt": "import ", "max_new_tokens": 6, "stop": ["."]},
+        "{not json",
+        {"id": "c", "tokens": [257, 105, 109], "max_new_tokens": 3, "temperature": 0.9,
+         "seed": 7},
+        {"id": "d", "prompt": "x = ", "max_new_tokens": 5, "logprobs": 2},
+        {"id": "e", "prompt": "class A:", "max_new_tokens": 2},
+    ])
+    single = tmp_path / "single.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(single)]) == 1
+    want = _by_id(_records(single))
+    assert len(want) == 6 and want["3"]["error"].startswith("line 3: not valid JSON")
+    elsewhere = tmp_path / "process1"
+    elsewhere.mkdir()
+    out = tmp_path / "out.jsonl"
+    paths = [(inp, str(out)), (str(elsewhere / "in.jsonl"), str(elsewhere / "out.jsonl"))]
+    cli = ["-m", "jaxinfer", "generate", "--model", "builtin"]
+    for pid, (rc, stdout, stderr) in enumerate(_two_processes(cli, paths)):
+        assert rc == 1, stderr[-3000:]  # the bad line: every process counts the failure
+        assert stdout == "" and "jaxinfer generate:" not in stderr, stderr[-3000:]
+        assert ("6 requests: 6 now" in stderr) == (pid == 0), stderr[-3000:]
+    first = _by_id(_records(out))
+    _assert_same_results(first, want)
+    assert list(elsewhere.iterdir()) == []
+    kept = out.read_text().splitlines(keepends=True)[:2]
+    out.write_text("".join(kept) + '{"id": "zz", "text": "de')
+    for pid, (rc, stdout, stderr) in enumerate(_two_processes(cli, paths)):
+        assert rc == 1, stderr[-3000:]
+        assert ("6 requests: 4 now, 2 already" in stderr) == (pid == 0), stderr[-3000:]
+    assert _records(out)[:2] == [json.loads(ln) for ln in kept]
+    _assert_same_results(_by_id(_records(out)), first)  # logprobs: other batch, other padding
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_logprobs_flag_in_token_mode_and_batch_mode(tmp_path, capsys):
+    """--logprobs K: per token its K most likely alternatives (greedy: the token first), after
+    each result's token line; in batch mode the default of lines that do not set 'logprobs'."""
+    assert main(["generate", "--tokens", "257,100,101", "--max-new-tokens", "3",
+                 "--logprobs", "2"]) == 0
+    line, top = capsys.readouterr().out.splitlines()
+    tokens = [int(t) for t in line.split(",")]
+    assert len(tokens) == 3 and top.startswith("top_logprobs ")
+    alts = json.loads(top[len("top_logprobs "):])
+    assert [len(a) for a in alts] == [2, 2, 2]
+    assert [a[0][0] for a in alts] == tokens and all(a[0][1] >= a[1][1] for a in alts)
+    assert main(["generate", "--tokens", "257,100,101", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == [line]  # same tokens without the flag
+    inp = _write_input(tmp_path / "in.jsonl", [
+        {"id": "flag", "tokens": [257, 100, 101], "max_new_tokens": 3},
+        {"id": "line", "tokens": [257, 100, 101], "max_new_tokens": 3, "logprobs": 1}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--logprobs", "2"]) == 0
+    recs = _by_id(_records(out))
+    assert recs['"flag"']["tokens"] == tokens and recs['"flag"']["top_logprobs"] == alts
+    assert [len(a) for a in recs['"line"']["top_logprobs"]] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "21", "1.5"])
+def test_bad_logprobs_flag_is_a_usage_error_naming_it(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--tokens", "257", "--logprobs", value])
+    assert exit_info.value.code == 2
+    assert (f"argument --logprobs: must be an int in [0, 20] (alternatives per token; 0 = "
+            f"none), got {value!r}") in capsys.readouterr().err

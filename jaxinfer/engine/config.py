@@ -6,7 +6,7 @@ import dataclasses
 
 import jax
 
-from jaxinfer import validation
+from jaxinfer import distributed, validation
 from jaxinfer.generate import GenerationResult
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -56,14 +56,16 @@ class EngineConfig:
 
     def kv_pool_bytes(self, full_bytes: int) -> int:
         """The pool's bytes: `kv_cache_bytes`, or the default for a model whose max_seqs
-        full-length sequences take `full_bytes`."""
+        full-length sequences take `full_bytes`, from this process's devices' free memory. Under
+        jax.distributed the default is the least over all processes (a collective every process
+        enters as it builds its engine), so every process sizes the same pool and its scheduler
+        plans the same steps."""
         if self.kv_cache_bytes is not None:
             return self.kv_cache_bytes
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            return min(full_bytes, int(free * KV_MEMORY_FRACTION))
-        return min(full_bytes, CPU_KV_CACHE_BYTES)
+        stats = [d.memory_stats() or {} for d in jax.local_devices()]
+        free = [s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats if "bytes_limit" in s]
+        budget = int(min(free) * KV_MEMORY_FRACTION) if free else CPU_KV_CACHE_BYTES
+        return distributed.min_over_processes(min(full_bytes, budget))
 
 
 @dataclasses.dataclass(frozen=True)

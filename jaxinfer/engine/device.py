@@ -15,8 +15,9 @@ and read as all False).
 
 `engine_step` is per chip (it takes the `model.Runtime`); `jaxinfer.engine.loop.StepProgram`
 jits it (and the on-device multi-step `decode_loop`) for one device,
-donating the pool and the seen table. Shapes that key compilation: the token bucket T (the page
-table is always [max_seqs, pages_per_seq]), the static sampling flags and the top-logprob count;
+donating the pool and the seen table. Shapes that key compilation: the token bucket T, the page-table
+width W (`plan.page_bucket`; the table is [max_seqs, W]), the static sampling flags and the
+top-logprob count;
 for `decode_loop` also its step bound and stop-table width.
 """
 
@@ -109,7 +110,7 @@ class StepInputs:
     slot_mapping: jax.Array
     """int32 [T]: flat pool index of each token's K/V; padding = P * page_size (dropped)."""
     page_table: jax.Array
-    """int32 [S, pages_per_seq]: each slot's pages in order."""
+    """int32 [S, W]: each slot's pages in order (W: `plan.page_bucket`)."""
     kv_lens: jax.Array
     """int32 [S]: cached tokens of each slot after this step's writes."""
     query_start: jax.Array

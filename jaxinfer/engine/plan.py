@@ -130,7 +130,9 @@ class StepPlan:
     """int32 [T]: flat cache index page * page_size + offset where each token's K/V is written;
     padding rows hold num_pages * page_size, one past the end (scatter with mode='drop')."""
     page_table: np.ndarray
-    """int32 [S, pages_per_seq]: each slot's page ids in order, zero-padded."""
+    """int32 [S, W]: each slot's page ids in order, zero-padded. W = `page_bucket` of the most
+    pages any slot holds (reserved lookahead pages included), so attention reads only as many
+    page slots as this step's longest sequence needs (rounded up to a power of two)."""
     kv_lens: np.ndarray
     """int32 [S]: tokens in each slot's cache including this step's (start + chunk length);
     0 for padding slots."""
@@ -151,6 +153,18 @@ def token_bucket(num_tokens: int, minimum: int) -> int:
     """The padded token count: the smallest power of two >= max(num_tokens, minimum)."""
     n = max(num_tokens, minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+MIN_PAGE_BUCKET = 4
+"""Narrowest page table of a step (in pages): widths are powers of two >= this."""
+
+
+def page_bucket(num_pages: int, pages_per_seq: int) -> int:
+    """The page-table width of a step whose longest slot holds `num_pages` pages: the smallest
+    power of two >= max(num_pages, MIN_PAGE_BUCKET), capped at pages_per_seq (the width of a
+    max_model_len sequence). Attention cost grows with this width, compilation count with the
+    number of distinct widths (log2 of pages_per_seq at most)."""
+    return min(pages_per_seq, token_bucket(num_pages, MIN_PAGE_BUCKET))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -189,7 +203,9 @@ def build_step_plan(step: int, entries: Sequence[tuple[Request, int]], *, num_de
     query_start[:num_seqs + 1] = np.concatenate([[0], np.cumsum(lens)])
     kv_lens = np.zeros(max_seqs, np.int32)
     kv_lens[:num_seqs] = np.asarray(starts, np.int64) + lens
-    page_table = build_page_table([req.pages for req, _ in entries], max_seqs, pages_per_seq)
+    seq_pages = [req.pages for req, _ in entries]
+    width = page_bucket(max((len(p) for p in seq_pages), default=0), pages_per_seq)
+    page_table = build_page_table(seq_pages, max_seqs, width)
     token_ids, positions, slot_mapping = _packed_arrays(
         chunks, starts, lens, query_start, page_table, token_bucket(num_tokens, min_token_bucket),
         page_size, num_pages)
