@@ -58,11 +58,15 @@ class Side:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def workload(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
-    """n prompts (token ids in [3, vocab)) and their output lengths, lognormal as in issue 14."""
+def workload(n: int, seed: int, vocab: int, prompt_mean: float = 91, output_mean: float = 53,
+             sigma: float = 0.9, prompt_range: tuple[int, int] = (4, 400),
+             output_range: tuple[int, int] = (2, 200)) -> tuple[list[list[int]], list[int]]:
+    """n prompts (token ids in [3, vocab)) and their output lengths: lognormal with these means
+    (before clipping) and log-space sigma, clipped to the ranges; the defaults are issue 14's."""
     rng = np.random.default_rng(seed)
-    prompt_lens = np.clip(rng.lognormal(np.log(91) - 0.405, 0.9, n), 4, 400).astype(int)
-    out_lens = np.clip(rng.lognormal(np.log(53) - 0.405, 0.9, n), 2, 200).astype(int)
+    mu = lambda mean: np.log(mean) - sigma**2 / 2  # noqa: E731
+    prompt_lens = np.clip(rng.lognormal(mu(prompt_mean), sigma, n), *prompt_range).astype(int)
+    out_lens = np.clip(rng.lognormal(mu(output_mean), sigma, n), *output_range).astype(int)
     prompts = [rng.integers(3, vocab, k).tolist() for k in prompt_lens]
     return prompts, out_lens.tolist()
 

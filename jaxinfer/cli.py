@@ -177,7 +177,8 @@ def _plan_from_args(args, prompts):
 
         source = builtin_path(args.model) or args.model
         cfg = read_config(source)
-        hw = get_hardware(args.hardware or detect_hardware(jax.devices()[0]))
+        hw = get_hardware(args.hardware or detect_hardware(jax.devices()[0]),
+                          devices=chips)  # 'cpu': the chips share this machine
         tokenizer = Tokenizer.from_dir(source) if args.prompt is not None else None
         if args.prompt is not None and tokenizer is None:
             raise ValueError("text prompts need a tokenizer, and this model has none: "

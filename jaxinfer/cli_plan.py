@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxinfer import api, checkpoint
 from jaxinfer.config import ModelConfig
+from jaxinfer import engine_planner
 from partitioning import audit as audit_lib
 from partitioning import calibrate
 from partitioning.cost_model import WEIGHT_BYTES, Workload
@@ -39,9 +40,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--granules", type=int, default=None,
                    help="hosts or TPU slices the chips span, joined by the data-center network "
                    "(default: 1 on TPU, one per 8-GPU NVLink node on GPU)")
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--phase", choices=["prefill", "decode"], required=True)
-    p.add_argument("--context", type=int, required=True,
+    p.add_argument("--batch", type=int, default=None, help="one phase: sequences per step")
+    p.add_argument("--phase", choices=["prefill", "decode"], default=None,
+                   help="one phase to plan (required without --workload)")
+    p.add_argument("--context", type=int, default=None,
                    help="decode: tokens in the KV cache; prefill: default prompt length")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill tokens per sequence")
     p.add_argument("--weights", choices=list(WEIGHT_BYTES), default=None,
@@ -54,12 +56,15 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--audit", action="store_true",
                    help="also compile the best plan's step (exactly what generate runs) on this "
                    "machine's devices and compare its HLO collectives with the priced bytes")
+    engine_planner.add_arguments(p)
     p.set_defaults(handler=run_plan)
 
 
 def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure this machine for the 'cpu' hardware profile")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--devices", type=int, default=8,
+                   help="simulated host devices to measure collectives across (a subprocess)")
     p.set_defaults(handler=run_calibrate)
 
 
@@ -154,9 +159,14 @@ def _expected_json(best) -> dict:
 def run_plan(args) -> int:
     cfg, default_weights = _resolve_model(args.model)
     args.weights = args.weights or default_weights
-    hw = get_hardware(args.hardware)
+    if args.workload is not None:
+        return _run_engine_plan(args, cfg)
+    for flag in ("batch", "phase", "context"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or --workload, to plan the engine)")
     wl = _workload(args, cfg)
     chips, meshes = _meshes(args)
+    hw = get_hardware(args.hardware, devices=chips)  # 'cpu': chips share this machine
     target = None
     if args.latency_target_ms is not None:
         if not math.isfinite(args.latency_target_ms) or args.latency_target_ms <= 0:
@@ -184,6 +194,22 @@ def run_plan(args) -> int:
         if audit is not None:
             print(audit_lib.format_audit(audit))
     return 0
+
+
+def _run_engine_plan(args, cfg: ModelConfig) -> int:
+    """`--workload`: plan the continuous-batching engine (`jaxinfer.engine_planner`)."""
+    from jaxinfer.tokenizer import Tokenizer
+
+    for flag in ("batch", "phase", "context", "prompt_len", "layout", "attention",
+                 "latency_target_ms", "audit"):
+        if getattr(args, flag) not in (None, False):
+            raise ValueError(f"--{flag.replace('_', '-')} plans one phase: it does not combine "
+                             "with --workload")
+    chips, meshes = (1, None) if args.chips is None and args.mesh is None else _meshes(args)
+    hw = get_hardware(args.hardware, devices=chips)
+    tokenizer = Tokenizer.from_dir(args.model) if os.path.isdir(args.model) else None
+    return engine_planner.run(args, cfg, tokenizer, hw, chips, meshes,
+                              WEIGHT_BYTES[args.weights])
 
 
 def _audit(cfg: ModelConfig, args, wl: Workload, plan: PhasePlan):
@@ -240,12 +266,22 @@ def _print_plan(cfg, args, result, hw) -> None:
 
 
 def run_calibrate(args) -> int:
-    result = calibrate.measure()
+    result = calibrate.measure(collective_devices=args.devices)
     path = calibrate.save(result)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"memory bandwidth {result['memory_bw'] / 1e9:.1f} GB/s, matmul "
-              f"{result['matmul_flops'] / 1e9:.1f} GFLOP/s on {result['device']} "
-              f"({result['machine']}); saved to {path}")
+        return 0
+    coll = result["collectives"]
+    print(f"{result['machine']} ({result['device']}), {result['calibration_s']:.0f} s:\n"
+          f"  matmul peak {result['matmul_flops'] / 1e9:.1f} GFLOP/s; efficiency "
+          f"{result['matmul_peak_fraction']:.3f} x M / (M + {result['matmul_half_tokens']:.1f}) "
+          f"for M >= 2 rows, {result['matvec_fraction']:.3f} at M = 1 (matrix-vector)\n"
+          f"  weight streaming {result['memory_bw'] / 1e9:.1f} GB/s (plain sum "
+          f"{result['sum_bw'] / 1e9:.1f} GB/s)\n"
+          f"  fixed costs {result['layer_overhead_s'] * 1e6:.1f} µs per layer, "
+          f"{result['step_overhead_s'] * 1e6:.1f} µs per step\n"
+          f"  collectives on {coll['devices']} host devices: {coll['latency_s'] * 1e6:.0f} µs "
+          f"+ {coll['hop_latency_s'] * 1e6:.0f} µs per device, "
+          f"{coll['bandwidth'] / 1e9:.2f} GB/s per device\n"
+          f"saved to {path}")
     return 0

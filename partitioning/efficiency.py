@@ -10,7 +10,8 @@ parameters of `partitioning.hardware.EfficiencyParams` (fitted per profile by
 
 - matmuls at ``peak x matmul_peak_fraction x M / (M + matmul_half_tokens)``, M the tokens per chip
   of the step's matmuls (B*L in weight-stationary layouts, B*L/G when the batch is split over the
-  G chips weights are gathered over, §5.3);
+  G chips weights are gathered over, §5.3); at M = 1 ``peak x matvec_fraction`` where the
+  backend has a separate matrix-vector kernel (XLA:CPU);
 - weight and KV-cache reads at ``hbm_bw x hbm_fraction``;
 - each collective as ``collective_latency_s + hops x hop_latency_s + bytes / (link_fraction x
   link bandwidth)``, hops the ring steps over its mesh axes; on a torus the link bandwidth is the
@@ -134,10 +135,13 @@ class ExpectedStep:
 
 def matmul_efficiency(tokens_per_chip: float, params: EfficiencyParams) -> float:
     """Fraction of peak a matmul with `tokens_per_chip` rows reaches: a saturating curve,
-    increasing in M and never above ``matmul_peak_fraction`` <= 1."""
+    increasing in M and never above ``matmul_peak_fraction`` <= 1; at M = 1 the backend's
+    matrix-vector kernel's ``matvec_fraction`` instead, where it has one (> 0)."""
     if not tokens_per_chip > 0:
         raise ValueError(f"tokens_per_chip must be positive, got {tokens_per_chip!r}")
     M = tokens_per_chip
+    if M <= 1 and params.matvec_fraction > 0:  # a matrix-vector kernel (XLA:CPU)
+        return params.matvec_fraction
     return params.matmul_peak_fraction * M / (M + params.matmul_half_tokens)
 
 

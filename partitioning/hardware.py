@@ -12,8 +12,9 @@ carries the cross-granule part of a collective (pope2022.md §2.2: DCN ~2.5e10 B
 
 Efficiency (`EfficiencyParams`, used by `partitioning.efficiency` for the expected step time):
 tpu-v4's is fitted on the paper's measurements (``scripts/fit_cost_model.py``); the later TPUs
-carry it over, unvalidated; the GPUs and ``cpu``, with no measurement in the reference, keep the
-roofline's assumptions (`roofline_efficiency`) until they are measured.
+carry it over, unvalidated; the GPUs, with no measurement in the reference, keep the roofline's
+assumptions (`roofline_efficiency`); ``cpu``'s is measured on this machine by `jaxinfer
+calibrate` (`cpu_efficiency`) and checked by ``scripts/validate_cost_model.py``.
 """
 
 from __future__ import annotations
@@ -56,8 +57,16 @@ class EfficiencyParams:
     concurrently with it (Looped CollectiveEinsum, pope2022.md §7.2), in [0, 1]."""
     sources: tuple[tuple[str, str], ...] = ()
     """(field, citation) pairs; '*' for all fields."""
+    matvec_fraction: float = 0.0
+    """Fraction of peak FLOP/s a one-row matmul (M = 1 per chip) reaches where the backend runs
+    it as a separate matrix-vector kernel (XLA:CPU: a GEMV streaming the weights at memory
+    speed, while M >= 2 runs a packing GEMM), in [0, 1]; 0: no such kernel, the saturating
+    curve holds at M = 1 too (TPU, GPU). Not fitted by ``scripts/fit_cost_model.py``."""
 
     def __post_init__(self):
+        if not (math.isfinite(self.matvec_fraction) and 0 <= self.matvec_fraction <= 1):
+            raise ValueError(f"EfficiencyParams.matvec_fraction must be in [0, 1], "
+                             f"got {self.matvec_fraction!r}")
         for name in ("matmul_peak_fraction", "hbm_fraction", "link_fraction"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 1):
@@ -240,15 +249,60 @@ def hardware_names() -> tuple[str, ...]:
     return tuple(PROFILES) + ("cpu",)
 
 
-def cpu_profile(measurement: dict) -> HardwareProfile:
-    """A profile from a calibration result (see `partitioning.calibrate`)."""
+def cpu_efficiency(measurement: dict, devices: int = 1) -> EfficiencyParams:
+    """`EfficiencyParams` of this machine from a calibration (`partitioning.calibrate`, whose
+    docstring says how each number is measured), for `devices` simulated host devices.
+
+    The fixed costs are CPU time of one thread launching a device's ops: `devices` devices
+    on fewer cores take turns, so they scale by max(1, devices / cores). The collective
+    latencies are measured across the calibration's own devices, every group at once, and
+    taken as they are. Nothing overlaps: a host device runs its ops one after another, and a
+    collective is a copy through the same cores and memory (comm_overlap 0). The bandwidths
+    are the achieved ones (fractions 1)."""
+    coll = measurement["collectives"]
+    turns = max(1.0, devices / max(1, measurement.get("cores") or 1))
+    src = f"`jaxinfer calibrate` on {measurement.get('machine', '?')}"
+    return EfficiencyParams(
+        matmul_peak_fraction=measurement["matmul_peak_fraction"],
+        matmul_half_tokens=measurement["matmul_half_tokens"],
+        matvec_fraction=measurement["matvec_fraction"], hbm_fraction=1.0, link_fraction=1.0,
+        collective_latency_s=coll["latency_s"], hop_latency_s=coll["hop_latency_s"],
+        block_overhead_s=turns * measurement["layer_overhead_s"] / 2,
+        step_overhead_s=turns * measurement["step_overhead_s"], comm_overlap=0.0,
+        sources=(("*", src),
+                 ("matmul_peak_fraction", src + ": streamed-weight matmul chain, M >= 2"),
+                 ("matmul_half_tokens", src + ": streamed-weight matmul chain, M >= 2"),
+                 ("matvec_fraction", src + ": the chain at M = 1 (XLA:CPU GEMV)"),
+                 ("block_overhead_s", src + ": tiny-model decode step, slope over layers / 2 "
+                  "sub-blocks (serial), x max(1, devices / cores)"),
+                 ("step_overhead_s", src + ": its intercept, x max(1, devices / cores)"),
+                 ("collective_latency_s", src + f": {coll['devices']} host devices"),
+                 ("hop_latency_s", src + f": {coll['devices']} host devices, per device - 1"),
+                 ("comm_overlap", "host devices run their ops in order (no overlap)")))
+
+
+def cpu_profile(measurement: dict, devices: int = 1) -> HardwareProfile:
+    """A profile from a calibration result (see `partitioning.calibrate`) for `devices`
+    simulated host devices on this machine ('chips'): they share its cores and memory bus, so
+    each gets 1/devices of the measured peak FLOP/s and bandwidth, and of the collective
+    bandwidth measured across the calibration's devices times their count."""
+    from partitioning.calibrate import VERSION, CalibrationVersionError
+
+    if measurement.get("version") != VERSION:
+        raise CalibrationVersionError(
+            f"calibration of format version {measurement.get('version', 1)}, expected "
+            f"{VERSION}: re-run `jaxinfer calibrate`")
+    coll = measurement["collectives"]
+    flops = measurement["matmul_flops"] / devices
+    src = (f"measured by `jaxinfer calibrate` on {measurement.get('machine', '?')} at "
+           f"{measurement.get('timestamp', '?')}, shared by {devices} device(s)")
     return HardwareProfile(
-        name="cpu", peak_flops_bf16=measurement["matmul_flops"],
-        peak_flops_int8=measurement["matmul_flops"], hbm_bytes=measurement["memory_bytes"],
-        hbm_bw=measurement["memory_bw"], axis_bw=measurement["memory_bw"], topology="switch",
-        dcn_bw=measurement.get("interprocess_bw"), hop_latency_s=1e-6,
-        sources=(("*", f"measured by `jaxinfer calibrate` on {measurement.get('machine', '?')} "
-                  f"at {measurement.get('timestamp', '?')}"),))
+        name="cpu", peak_flops_bf16=flops, peak_flops_int8=flops,
+        hbm_bytes=measurement["memory_bytes"] / devices,
+        hbm_bw=measurement["memory_bw"] / devices,
+        axis_bw=coll["bandwidth"] * coll["devices"] / devices, topology="switch",
+        dcn_bw=measurement.get("interprocess_bw"), hop_latency_s=coll["hop_latency_s"],
+        sources=(("*", src),), efficiency=cpu_efficiency(measurement, devices))
 
 
 _DEVICE_KINDS = (("tpu v4", "tpu-v4"), ("tpu v5 lite", "tpu-v5e"), ("tpu v5e", "tpu-v5e"),
@@ -268,12 +322,13 @@ def detect_hardware(device) -> str:
                      f"--hardware (one of {', '.join(hardware_names())})")
 
 
-def get_hardware(name: str) -> HardwareProfile:
-    """Look a profile up by name or alias; 'cpu' loads (or runs) the cached calibration."""
+def get_hardware(name: str, devices: int = 1) -> HardwareProfile:
+    """Look a profile up by name or alias; 'cpu' loads (or runs) the cached calibration, for
+    `devices` simulated host devices sharing this machine (`cpu_profile`)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key == "cpu":
         from partitioning import calibrate
-        return cpu_profile(calibrate.load_or_calibrate())
+        return cpu_profile(calibrate.load_or_calibrate(), devices)
     if key not in PROFILES:
         raise ValueError(f"unknown hardware {name!r}; known: {', '.join(hardware_names())}")
     return PROFILES[key]

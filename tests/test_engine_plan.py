@@ -1,6 +1,7 @@
 """The engine under a partitioning plan on 8 simulated CPU devices: the step and the on-device
-decode loop run as per-chip programs under shard_map (pool split over KV heads) and generate
-exactly the tokens of the same engine on one device."""
+decode loop run as per-chip programs under shard_map (pool split over KV heads, or, with
+batch-sharded attention, into one page segment per chip and slot group) and generate exactly the
+tokens of the same engine on one device."""
 
 import numpy as np
 import pytest
@@ -44,8 +45,51 @@ def test_engine_under_a_heads_sharded_plan_equals_one_device(reference, decode, 
     assert len(engine.kv.k[0].sharding.device_set) == 8
 
 
-def test_a_batch_sharded_attention_plan_is_a_clear_error(reference):
+BATCHED = EngineConfig(max_seqs=8, page_size=4, token_budget=32, steps_per_call=4)
+"""One slot per group: 8 groups, one per attention batch shard."""
+
+
+@pytest.mark.parametrize("decode,mesh", [(("1d-ws", "batch"), (8, 1, 1)),
+                                         (("2d-ws", "batch"), (2, 2, 2))])
+def test_engine_under_a_batch_sharded_plan_equals_one_device(reference, decode, mesh):
+    model, prompts, params, want = reference
+    sharded = jaxinfer.Model(CFG, model.params, plan=_plan(decode, mesh))
+    engine = sharded.engine(BATCHED)
+    assert engine.groups == 8 and engine.scheduler.num_groups == 8
+    res = engine.generate(prompts, params)
+    assert res.tokens == want  # tokens never depend on slots or batching: equal one device
+    assert res.stats.device_calls < res.stats.steps  # the decode loop ran sharded too
+    k = engine.kv.k[0]
+    assert len(k.sharding.device_set) == 8  # the pool's pages: one segment per chip
+    assert {s.data.shape[0] for s in k.addressable_shards} == {engine.num_pages // 8}
+    assert sum(g.stats.finished_requests > 0 for g in engine.scheduler.groups) == 6
+
+
+def test_unsupported_engine_plans_are_clear_errors(reference):
     model = reference[0]
-    sharded = jaxinfer.Model(CFG, model.params, plan=_plan(("1d-ws", "batch"), (8, 1, 1)))
-    with pytest.raises(InvalidArgument, match="attention='batch'"):
-        sharded.engine(ENGINE)
+    batch = jaxinfer.Model(CFG, model.params, plan=_plan(("1d-ws", "batch"), (8, 1, 1)))
+    with pytest.raises(InvalidArgument, match="max_seqs=4 must be divisible by the 8 slot groups"):
+        batch.engine(ENGINE)
+    gathered = jaxinfer.Model(CFG, model.params, plan=_plan(("wg-x", "heads"), (8, 1, 1)))
+    with pytest.raises(InvalidArgument, match="only with the residual's batch unsplit"):
+        gathered.engine(ENGINE)
+
+
+@pytest.mark.parametrize("decode,mesh", [(("2d-ws", "heads"), (2, 2, 2)),
+                                         (("1d-ws", "batch"), (8, 1, 1))])
+def test_engine_step_sends_the_priced_collective_bytes(reference, decode, mesh):
+    """`Engine.compiled_hlo`: the compiled engine step of 8 decoding sequences sends exactly the
+    per-chip bytes the cost model prices for a decode step of batch 8 under the same plan."""
+    from partitioning import audit
+    from partitioning.cost_model import Workload
+
+    plan = _plan(decode, mesh)
+    sharded = jaxinfer.Model(CFG, reference[0].params, plan=plan)
+    engine = sharded.engine(EngineConfig(max_seqs=8, page_size=4, token_budget=16))
+    hlo = engine.compiled_hlo(8, 20)
+    result = audit.audit_hlo(hlo, CFG, plan.decode, Workload(8, 1, 21, 4.0, 4.0, 4.0))
+    assert sum(result.measured.values()) > 0
+    for kind, ratio in result.ratios().items():
+        assert ratio == pytest.approx(1.0, abs=1e-6), (kind, result.rows())
+    with pytest.raises(InvalidArgument, match="compiled_hlo needs"):
+        engine.compiled_hlo(9, 20)

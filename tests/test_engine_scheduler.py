@@ -7,11 +7,14 @@ stale page after preemption or a wrongly shared prefix page changes the generate
 request is compared with the same fake model run on its prompt alone.
 """
 
+import types
+
 import numpy as np
 import pytest
 
 from jaxinfer.engine import (PagePool, PagePoolError, PrefixCache, RequestState, Scheduler,
                              StepPlan)
+from jaxinfer.engine.groups import GroupedScheduler
 from jaxinfer.engine.pages import build_page_table, page_table_row
 from jaxinfer.engine.plan import MIN_PAGE_BUCKET
 from jaxinfer.engine.prefix_cache import ROOT_HASH, block_hash, extend_block_hashes
@@ -129,17 +132,20 @@ def run_engine(sched, prompts, max_new, stop_token=None, arrivals=None, plans=No
             step += 1
             continue
         plan = sched.schedule()
-        check_plan(plan, sched)
+        if isinstance(sched, GroupedScheduler):
+            check_grouped_plan(plan, sched)
+        else:
+            check_plan(plan, sched)
         if plans is not None:
             plans.append(plan)
-        contexts = oracle.step(plan)
+        contexts = [c for view in group_views(plan, sched) for c in oracle.step(view)]
         sampled = np.zeros(plan.num_seqs, np.int64)
         for i, (rid, ctx) in enumerate(zip(plan.request_ids, contexts)):
             np.testing.assert_array_equal(ctx, tokens[rid][:len(ctx)])
             if plan.samples[i]:
                 sampled[i] = fake_next_token(ctx)
                 tokens[rid].append(int(sampled[i]))
-        stops = (sampled == stop_token) & plan.sample_mask[:plan.num_seqs]
+        stops = (sampled == stop_token) & np.array(plan.samples, bool)
         for req in sched.update(plan, sampled, stops):
             finished[req.request_id] = req
         step += 1
@@ -152,7 +158,54 @@ def run_engine(sched, prompts, max_new, stop_token=None, arrivals=None, plans=No
     return {i: finished[i].output for i in range(len(prompts))}
 
 
+def group_views(plan, sched):
+    """Each group's block of a plan as a one-group plan over the whole pool (page ids made
+    global: segment g starts at page g * P/G); [plan] without groups."""
+    if not isinstance(sched, GroupedScheduler):
+        return [plan]
+    g_n, ps = plan.num_groups, sched.page_size
+    sg, rows, seg = sched.max_seqs // g_n, len(plan.token_ids) // g_n, sched.num_pages // g_n
+    views = []
+    for g in range(g_n):
+        blk, sl = slice(g * rows, (g + 1) * rows), slice(g * sg, (g + 1) * sg)
+        views.append(types.SimpleNamespace(
+            num_seqs=int(plan.group_seqs[g]), token_ids=plan.token_ids[blk],
+            positions=plan.positions[blk], slot_mapping=plan.slot_mapping[blk] + g * seg * ps,
+            page_table=plan.page_table[sl] + g * seg, kv_lens=plan.kv_lens[sl],
+            query_start=plan.query_start[g * (sg + 1):(g + 1) * (sg + 1)]))
+    return views
+
+
+def check_grouped_plan(plan, sched):
+    """A grouped plan's blocks: each group's sequences, tokens and pages in its own block and
+    pool segment, within its share of slots and budget."""
+    g_n, ps = plan.num_groups, sched.page_size
+    sg, seg = sched.max_seqs // g_n, sched.num_pages // g_n
+    rows = len(plan.token_ids) // g_n
+    assert g_n == sched.num_groups and len(plan.token_ids) == g_n * rows
+    by_id = {r.request_id: r for r in sched.running()}
+    bounds = np.cumsum([0, *plan.group_seqs])
+    for g, sub in enumerate(sched.groups):
+        n = int(plan.group_seqs[g])
+        qs = plan.query_start[g * (sg + 1):(g + 1) * (sg + 1)]
+        assert n <= sg and qs[n] <= sched.token_budget // g_n
+        real = plan.slot_mapping[g * rows:g * rows + int(qs[n])]
+        assert (real < seg * ps).all()
+        assert (plan.slot_mapping[g * rows + int(qs[n]):(g + 1) * rows] == seg * ps).all()
+        for i, rid in enumerate(plan.request_ids[bounds[g]:bounds[g + 1]]):
+            req = by_id[rid]
+            assert sched.group_of(req) == g and plan.slots[bounds[g] + i] == g * sg + i
+            assert all(0 <= p < seg and sub.pool.refcount(p) > 0 for p in req.pages)
+            used = -(-int(plan.kv_lens[g * sg + i]) // ps)
+            np.testing.assert_array_equal(plan.page_table[g * sg + i, :used], req.pages[:used])
+    assert sum(len(c) for c in plan.chunk_token_ids) == plan.num_tokens
+
+
 def assert_no_leak(sched):
+    if isinstance(sched, GroupedScheduler):
+        for sub in sched.groups:
+            assert_no_leak(sub)
+        return
     pool = sched.pool
     assert all(pool.refcount(p) == 0 for p in range(pool.num_pages))
     assert pool.num_free + len(sched.prefix_cache.idle_pages()) == pool.num_pages
@@ -448,3 +501,82 @@ def test_update_errors():
                        match="got the plan of step 0, but the step awaiting its update is None"):
         sched.update(plan, [4, 0])
     assert plan.token_ids.flags.writeable is False
+
+
+# ----------------------------------------------------------------------------- slot groups
+
+
+def make_grouped(**kw):
+    args = dict(groups=4, max_seqs=8, page_size=4, num_pages=4 * 48, token_budget=32,
+                max_prefill_chunk=8, max_model_len=128)
+    args.update(kw)
+    return GroupedScheduler(**args)
+
+
+def test_grouped_many_random_requests_no_page_leak():
+    rng = np.random.default_rng(3)
+    prefixes = [rng.integers(0, VOCAB, 12).tolist() for _ in range(3)]
+    prompts, max_new = [], []
+    for _ in range(300):
+        p = rng.integers(0, VOCAB, int(rng.integers(1, 24))).tolist()
+        if rng.random() < 0.5:
+            p = prefixes[int(rng.integers(3))] + p
+        prompts.append(p)
+        max_new.append(int(rng.integers(1, 16)))
+    arrivals = np.sort(rng.integers(0, 200, 300)).tolist()
+    # 2 sequences of at most 49 tokens (13 pages) per group fit its 48-page segment: no
+    # preemption; idle cached pages still get evicted.
+    sched = make_grouped()
+    plans = []
+    outputs = run_engine(sched, prompts, max_new, stop_token=3, arrivals=arrivals, plans=plans)
+    st, cst = sched.stats, sched.prefix_cache_stats()
+    assert st.finished_requests == 300 and st.preemptions == 0 and st.steps == len(plans)
+    assert st.generated_tokens == sum(len(o) for o in outputs.values())
+    assert st.prompt_tokens == sum(len(p) for p in prompts)
+    assert st.prefill_tokens + st.prefix_hit_tokens == st.prompt_tokens
+    assert st.prefix_hit_tokens == cst.hit_tokens > 0 and cst.evictions > 0
+    assert all(g.stats.finished_requests > 0 for g in sched.groups)  # every group worked
+    assert max(p.num_seqs for p in plans) == 8 and max(p.num_tokens for p in plans) > 8
+    assert_no_leak(sched)
+
+
+def test_grouped_preemption_stays_within_the_group():
+    # Segments of 6 pages (24 tokens). A and C (12 + 12 tokens: 6 pages each) go to group 0,
+    # B and D (3 + 3 tokens: 2 pages each) to group 1 (requests go to the least loaded group).
+    sched = make_grouped(groups=2, max_seqs=4, num_pages=12, token_budget=8)
+    rng = np.random.default_rng(4)
+    long, short = rng.integers(0, VOCAB, (2, 12)).tolist(), rng.integers(0, VOCAB, (2, 3)).tolist()
+    prompts = [long[0], short[0], long[1], short[1]]
+    run_engine(sched, prompts, [12, 3, 12, 3])
+    assert sched.groups[0].stats.preemptions > 0  # group 0's pool is short: C is recomputed
+    assert sched.groups[1].stats.preemptions == 0  # group 1 never lends or loses a page
+    assert sched.groups[0].stats.finished_requests == sched.groups[1].stats.finished_requests == 2
+    assert_no_leak(sched)
+
+
+def test_grouped_errors_and_device_slot_outputs():
+    with pytest.raises(ValueError, match="max_seqs=6 must be divisible by the 4 slot groups"):
+        make_grouped(max_seqs=6)
+    with pytest.raises(ValueError, match="num_pages=30 must be divisible by the 4 slot groups"):
+        make_grouped(num_pages=30)
+    sched = make_grouped(num_pages=4 * 4)
+    with pytest.raises(ValueError, match=r"needs 5 pages .* num_pages=4 \(one of the 4 slot "
+                                         r"groups' segments"):
+        sched.add_request("big", list(range(17)), 3)
+    a = sched.add_request("a", [1, 2], 2)
+    b = sched.add_request("b", [3, 4, 5], 2)
+    plan = sched.schedule()
+    assert plan.slots == (0, 2) and plan.request_ids == ("a", "b")  # groups 0 and 1
+    assert (sched.group_of(a), sched.group_of(b)) == (0, 1)
+    np.testing.assert_array_equal(plan.group_seqs, [1, 1, 0, 0])
+    device = np.zeros(8, np.int64)
+    device[[0, 2]] = [7, 9]  # outputs per device slot are read at plan.slots
+    sched.update(plan, device)
+    assert a.output == [7] and b.output == [9]
+    c = sched.add_request("c", [6], 1)  # queued, not yet handed to a group
+    sched.abort(c, "cancel")
+    sched.abort(a)
+    assert (c.finish_reason, a.finish_reason) == ("cancel", "abort")
+    with pytest.raises(ValueError, match="request 'a' is not waiting or running"):
+        sched.abort(a)
+    assert sched.stats.finished_requests == 2 and sched.running() == (b,)

@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices (jax.distributed over gloo, coordinator on 127.0.0.1) load a
 random HF checkpoint sharded over the 8 devices and generate exactly the single-process tokens,
-for a weight-stationary plan and one with batch-sharded multiquery attention in decode. Each
+for a weight-stationary plan and one with batch-sharded multiquery attention in decode, in one
+static batch and through the continuous-batching engine under the plan. Each
 process holds and peaks at about half the parameter memory of a one-process run."""
 
 import json
@@ -11,6 +12,7 @@ import pytest
 
 import hf_fixtures
 import jaxinfer
+import multihost_program
 from procs import free_port, run_processes
 
 PROGRAM = os.path.join(os.path.dirname(__file__), "multihost_program.py")
@@ -29,14 +31,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """Unsharded single-process generation of the program's prompts."""
+    """Unsharded single-process generation of the program's prompts: one static batch and the
+    engine."""
     import numpy as np
 
     model = jaxinfer.load(checkpoint)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, size=int(k)).tolist()
                for k in rng.integers(2, 12, size=6)]
-    return model.generate(prompts, max_new_tokens=6, stop_tokens=[]).tokens
+    engine = model.engine(multihost_program.engine_config())
+    return {"tokens": model.generate(prompts, max_new_tokens=6, stop_tokens=[]).tokens,
+            "engine_tokens": engine.generate(prompts, multihost_program.engine_params()).tokens}
 
 
 def _run(checkpoint, plan, n):
@@ -57,13 +62,14 @@ def test_two_processes_generate_the_single_process_tokens(checkpoint, reference,
     results = _run(checkpoint, plan, 2)
     for r in results:
         assert r["process_count"] == 2 and r["devices"] == 8
-        assert r["tokens"] == reference  # gathered: every process returns every sequence
+        assert r["tokens"] == reference["tokens"]  # gathered: every process has every sequence
+        assert r["engine_tokens"] == reference["engine_tokens"]
 
 
 def test_per_process_memory_halves_with_two_processes(checkpoint, reference):
     (one,) = _run(checkpoint, "ws", 1)
     two = _run(checkpoint, "ws", 2)
-    assert one["tokens"] == reference
+    assert one["tokens"] == reference["tokens"]
     size = os.path.getsize(os.path.join(checkpoint, "model.safetensors"))
     assert one["local_param_bytes"] == pytest.approx(size, rel=0.05)
     growth_one = one["peak_rss_after_load"] - one["peak_rss_before_load"]

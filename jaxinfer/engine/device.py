@@ -1,9 +1,11 @@
 """Device side of the continuous-batching engine: the paged KV pool and the jitted engine step.
 
-One step runs the model over a `StepPlan`'s packed tokens as ONE row (tokens [1, T]): each layer's
-`attend` scatters the step's new K/V into that layer's page pool at `slot_mapping` (padding rows
-point one past the pool and are dropped), then calls `pallas_kernels.ragged_paged_attention` over
-the page table; logits are computed only at the S sampling rows (`forward(select=...)`) and each
+One step runs the model over a `StepPlan`'s packed tokens as ONE row (tokens [1, T]), or, with G
+slot groups (batch-sharded attention, pope2022.md §6.2b), as G rows [G, T/G], one per group, so
+the model's all-to-all hands chip g the queries of group g, whose pages its pool segment holds:
+each layer's `attend` scatters the step's new K/V of its row into that layer's page pool at
+`slot_mapping` (padding rows point one past the pool and are dropped), then calls
+`pallas_kernels.ragged_paged_attention` over the page table; logits are computed only at the S sampling rows (`forward(select=...)`) and each
 slot samples with its own request's parameters and key: the i-th generated token of a request
 uses fold_in(key(request seed), i), so tokens never depend on slot, batch or chunking.
 
@@ -101,24 +103,28 @@ class PagedKV:
 
 @flax.struct.dataclass
 class StepInputs:
-    """One step's arrays (from a `StepPlan` plus per-request sampling state). S = max_seqs."""
+    """One step's arrays (from a `StepPlan` plus per-request sampling state). S = max_seqs,
+    G = slot groups (the plan's; 1 unless attention is batch-sharded), Sg = S / G slots and
+    Tg = T / G packed rows per group; row g of the grouped arrays is group g's one-group layout
+    (`jaxinfer.engine.plan`), page ids local to its pool segment of P / G pages."""
 
     token_ids: jax.Array
-    """int32 [T]: packed fed tokens of all slots, zero-padded."""
+    """int32 [G, Tg]: packed fed tokens of each group's slots, zero-padded."""
     positions: jax.Array
-    """int32 [T]: position of each packed token in its sequence."""
+    """int32 [G, Tg]: position of each packed token in its sequence."""
     slot_mapping: jax.Array
-    """int32 [T]: flat pool index of each token's K/V; padding = P * page_size (dropped)."""
+    """int32 [G, Tg]: flat segment index of each token's K/V; padding = P/G * page_size
+    (dropped)."""
     page_table: jax.Array
-    """int32 [S, W]: each slot's pages in order (W: `plan.page_bucket`)."""
+    """int32 [G, Sg, W]: each slot's pages in order (W: `plan.page_bucket`)."""
     kv_lens: jax.Array
-    """int32 [S]: cached tokens of each slot after this step's writes."""
+    """int32 [G, Sg]: cached tokens of each slot after this step's writes."""
     query_start: jax.Array
-    """int32 [S + 1]: cumulative row offsets of the slots."""
+    """int32 [G, Sg + 1]: cumulative row offsets of the slots within their group's row."""
     num_seqs: jax.Array
-    """int32 scalar: slots in use."""
+    """int32 [G]: slots in use in each group."""
     sample_rows: jax.Array
-    """int32 [S]: packed row of each slot's last fed token (where its logits are taken)."""
+    """int32 [G, Sg]: row (in its group's) of each slot's last fed token (its logits row)."""
     sample_mask: jax.Array
     """bool [S]: slots that sample a token this step."""
     seen_rows: jax.Array
@@ -135,16 +141,24 @@ def request_keys(seeds: jax.Array, token_index: jax.Array) -> jax.Array:
 
 
 def _paged_attend(inp: StepInputs, cfg: ModelConfig, rt: model_lib.Runtime):
-    """The model's attend callback over the paged pool (carry = the `PagedKV`)."""
+    """The model's attend callback over the paged pool (carry = the `PagedKV`, this chip's
+    segment): each chip attends one row, its group's (`model.attention_rows`: the group whose
+    pool segment it holds under batch-sharded attention; the only one otherwise)."""
+    own = lambda a: model_lib.attention_rows(a, rt)[0]
+    slot_mapping, page_table, kv_lens, query_start, num_seqs = (own(a) for a in (
+        inp.slot_mapping, inp.page_table, inp.kv_lens, inp.query_start, inp.num_seqs))
 
-    def attend(q, k, v, layer, kv: PagedKV):  # q [1, T, n, H]; k, v [1, T, k, H]
-        kv = kv.write(layer, k[0], v[0], inp.slot_mapping)
+    def attend(q, k, v, layer, kv: PagedKV):  # q [1, Tg, n, H]; k, v [1, Tg, k, H]
+        if q.shape[0] != 1:
+            raise ValueError(f"the engine step attends one row (slot group) per chip, this "
+                             f"layout gives a chip {q.shape[0]}")
+        kv = kv.write(layer, k[0], v[0], slot_mapping)
         sel = model_lib.kv_heads_for_queries(kv.k[layer].shape[1], q.shape[2], cfg, rt)
         scales = {} if not kv.quantized else {"k_scale": sel(kv.k_scale[layer]),
                                               "v_scale": sel(kv.v_scale[layer])}
         out = pallas_kernels.ragged_paged_attention(
-            q[0], sel(kv.k[layer]), sel(kv.v[layer]), inp.page_table, inp.kv_lens,
-            inp.query_start, inp.num_seqs, backend=rt.attention_backend, **scales)  # [T, n, H]
+            q[0], sel(kv.k[layer]), sel(kv.v[layer]), page_table, kv_lens, query_start,
+            num_seqs, backend=rt.attention_backend, **scales)  # [Tg, n, H]
         return out[None], kv
 
     return attend
@@ -171,9 +185,9 @@ def engine_step(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
     """One engine step (per chip) -> (StepOutput, kv, seen). num_top (static): how many top
     raw logprobs per slot to return (0: none, [S, 0] arrays)."""
     attend = _paged_attend(inp, cfg, rt)
-    logits, kv = model_lib.forward(params, inp.token_ids[None], inp.positions[None], attend, kv,
-                                   cfg, rt, select=inp.sample_rows[None])
-    logits = logits[0]  # [S, V]
+    logits, kv = model_lib.forward(params, inp.token_ids, inp.positions, attend, kv, cfg, rt,
+                                   select=inp.sample_rows)  # [G, Sg, V]
+    logits = logits.reshape(-1, logits.shape[-1])  # [S, V]
     row_seen = (jnp.take(seen, inp.seen_rows, axis=0, mode="fill", fill_value=False)
                 if sp.use_penalty else jnp.zeros(logits.shape, bool))  # [S, V]
     tokens, logprobs = sample(logits, row_seen, request_keys(inp.seeds, inp.token_index), sp)
@@ -196,9 +210,13 @@ def fill_seen_row(seen: jax.Array, row: jax.Array, tokens: jax.Array,
 
 def step_inputs(plan, seen_rows: np.ndarray, seeds: np.ndarray,
                 token_index: np.ndarray) -> StepInputs:
-    """The device inputs of a `StepPlan` (numpy arrays; jit moves them)."""
+    """The device inputs of a `StepPlan` (numpy arrays; jit moves them); seen_rows, seeds and
+    token_index are per device slot [S]."""
+    g = plan.num_groups
+    rows = lambda a: a.reshape((g, -1) + a.shape[1:])
     return StepInputs(
-        token_ids=plan.token_ids, positions=plan.positions, slot_mapping=plan.slot_mapping,
-        page_table=plan.page_table, kv_lens=plan.kv_lens, query_start=plan.query_start,
-        num_seqs=np.int32(plan.num_seqs), sample_rows=plan.sample_rows,
+        token_ids=rows(plan.token_ids), positions=rows(plan.positions),
+        slot_mapping=rows(plan.slot_mapping), page_table=rows(plan.page_table),
+        kv_lens=rows(plan.kv_lens), query_start=rows(plan.query_start),
+        num_seqs=plan.group_seqs, sample_rows=rows(plan.sample_rows),
         sample_mask=plan.sample_mask, seen_rows=seen_rows, seeds=seeds, token_index=token_index)

@@ -33,7 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxinfer import validation
 from jaxinfer.engine.config import EngineConfig, EngineResult
 from jaxinfer.engine.device import PagedKV, StepOutput, step_inputs
-from jaxinfer.engine.loop import StepProgram
+from jaxinfer.engine.groups import GroupedScheduler
+from jaxinfer.engine.loop import StepProgram, num_groups
 from jaxinfer.engine.pages import pages_for_tokens
 from jaxinfer.engine.plan import Request, RequestState, StepPlan, token_bucket
 from jaxinfer.engine.run import Collector, Run, TokenEvent, Track, check_params
@@ -47,12 +48,15 @@ from jaxinfer.sharding import PhaseSharding
 class Engine:
     """Continuous batching over a paged KV cache for one `jaxinfer.Model`: on one device, or,
     for a model loaded with a plan, under the plan's decode layout (every step, prefill chunks
-    included; attention sharded over heads, the pool split over KV heads: `loop.StepProgram`)."""
+    included: `loop.StepProgram`). Attention sharded over heads splits the pool over KV heads;
+    sharded over the batch (pope2022.md §6.2b) it splits the slots, the token budget and the
+    pool into one group per attention batch shard (`groups.GroupedScheduler`), each chip
+    holding its group's pool segment and attending its group's tokens."""
 
     def __init__(self, model, config: EngineConfig | None = None):
-        """model: a `jaxinfer.Model` (with a plan: its decode layout must shard attention over
-        heads and keep the batch whole, else an InvalidArgument); config: default
-        EngineConfig()."""
+        """model: a `jaxinfer.Model` (with a plan: its decode layout must keep the residual's
+        batch whole, and under batch-sharded attention max_seqs must divide into its groups,
+        else an InvalidArgument); config: default EngineConfig()."""
         if config is None:
             config = EngineConfig()
         if not isinstance(config, EngineConfig):
@@ -63,15 +67,18 @@ class Engine:
             raise validation.InvalidArgument(
                 f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's "
                 f"max_context={self.cfg.max_context}")
-        page_bytes = PagedKV.bytes_per_page(self.cfg, config.page_size, model.cache_dtype)
-        full = config.max_seqs * pages_for_tokens(self.max_model_len, config.page_size)
-        self.num_pages = config.kv_pool_bytes(full * page_bytes) // page_bytes
-        if self.num_pages < 1:
-            raise validation.InvalidArgument(
-                f"EngineConfig.kv_cache_bytes={config.kv_cache_bytes} holds no page: one page of "
-                f"{config.page_size} tokens takes {page_bytes} bytes")
         sharding = model.shardings[1] if model.plan is not None else PhaseSharding.single_device()
         rt = Runtime(sharding, model.attention_backend, model.quantization)
+        try:
+            self.groups = num_groups(rt)
+        except ValueError as err:
+            raise validation.InvalidArgument(str(err)) from None
+        if config.max_seqs % self.groups:
+            raise validation.InvalidArgument(
+                f"EngineConfig.max_seqs={config.max_seqs} must be divisible by the "
+                f"{self.groups} slot groups of this plan's batch-sharded attention "
+                f"({sharding.description}: one group per attention batch shard)")
+        self.num_pages = self._pool_pages()
         abstract_pool = jax.eval_shape(lambda: PagedKV.init(self.cfg, self.num_pages,
                                                             config.page_size, model.cache_dtype))
         try:
@@ -82,14 +89,34 @@ class Engine:
         self._active: Run | None = None
         self._reset()
 
-    def _reset(self) -> None:
-        """A fresh scheduler (empty prefix cache), pool and seen table."""
+    def _pool_pages(self) -> int:
+        """Pages of the pool: as many as its bytes hold, a multiple of the slot groups."""
         c = self.config
-        self.scheduler = Scheduler(
+        page_bytes = PagedKV.bytes_per_page(self.cfg, c.page_size, self.model.cache_dtype)
+        full = c.max_seqs * pages_for_tokens(self.max_model_len, c.page_size)
+        pages = c.kv_pool_bytes(full * page_bytes) // page_bytes // self.groups * self.groups
+        if pages < 1:
+            raise validation.InvalidArgument(
+                f"EngineConfig.kv_cache_bytes={c.kv_cache_bytes} holds no page"
+                f"{'' if self.groups == 1 else f' for each of the {self.groups} slot groups'}: "
+                f"one page of {c.page_size} tokens takes {page_bytes} bytes")
+        return pages
+
+    def _new_scheduler(self) -> Scheduler | GroupedScheduler:
+        """A scheduler of this config with an empty pool and prefix cache."""
+        c = self.config
+        kwargs = dict(
             max_seqs=c.max_seqs, page_size=c.page_size, num_pages=self.num_pages,
             token_budget=c.token_budget, max_prefill_chunk=c.max_prefill_chunk or c.token_budget,
             max_model_len=self.max_model_len, prefix_caching=c.prefix_caching,
             min_token_bucket=c.min_token_bucket)
+        return (Scheduler(**kwargs) if self.groups == 1
+                else GroupedScheduler(groups=self.groups, **kwargs))
+
+    def _reset(self) -> None:
+        """A fresh scheduler (empty prefix cache), pool and seen table."""
+        c = self.config
+        self.scheduler = self._new_scheduler()
         # placed on the parameters' mesh as the programs return them, so the step's outputs,
         # which the next step takes, have the same input types as these (no second compile)
         mesh = self.program.rt.sharding.mesh
@@ -100,6 +127,31 @@ class Engine:
         self.seen = jax.device_put(jnp.zeros((c.max_seqs, self.cfg.vocab_size), bool),
                                    NamedSharding(mesh, PartitionSpec()))
         self._seen_rows: dict[Request, int] = {}
+
+    def compiled_hlo(self, num_seqs: int | None = None, context: int = 32) -> str:
+        """The optimized HLO (`compiled.as_text()`) of the program one engine step runs (one
+        device call of one step: greedy, no top logprobs) when `num_seqs` sequences (default
+        max_seqs) decode with `context` tokens cached each: the step a fresh scheduler of this
+        config plans for them, compiled with the engine's shardings (what `partitioning.audit`
+        compares with the plan's priced decode step of that many tokens)."""
+        num_seqs = self.config.max_seqs if num_seqs is None else num_seqs
+        if not 1 <= num_seqs <= self.config.max_seqs or not 1 <= context < self.max_model_len:
+            raise validation.InvalidArgument(
+                f"compiled_hlo needs 1 <= num_seqs <= max_seqs={self.config.max_seqs} and "
+                f"1 <= context < max_model_len={self.max_model_len}, got {num_seqs}, {context}")
+        sched = self._new_scheduler()
+        for i in range(num_seqs):
+            sched.add_request(i, [0] * context, 2)
+        plan = sched.schedule()
+        while plan.num_decode_seqs < plan.num_seqs:  # prefill the prompts (no device)
+            sched.update(plan, np.zeros(plan.num_seqs, np.int64), np.zeros(plan.num_seqs, bool))
+            plan = sched.schedule()
+        s = self.config.max_seqs
+        sp = stack_configs([SamplingParams().config()] * s, self.cfg.vocab_size)
+        inputs = step_inputs(plan, np.full(s, s, np.int32), np.zeros((s, 2), np.uint32),
+                             np.zeros(s, np.int32))
+        return self.program.step.lower(self.model.params, self.kv, self.seen, inputs, sp,
+                                       num_top=0).compile().as_text()
 
     # ----------------------------------------------------------------------------- requests
     def _encode(self, prompts) -> list[list[int]]:
@@ -222,16 +274,17 @@ class Engine:
         inputs, sp = self._inputs(plan, slots, sp_all)
         t0 = time.perf_counter()
         if self.config.steps_per_call > 1 and int(plan.step_limits.max()) > 1:
-            stops = self._stop_table(slots)
+            stops = self._stop_table(plan, slots)
             n, out, self.kv, self.seen = self.program.loop(
                 self.model.params, self.kv, self.seen, inputs, sp, plan.step_limits, stops,
                 num_top=run.num_top, max_steps=self.config.steps_per_call)
             n, out = jax.device_get((n, out))
-            out = jax.tree.map(lambda a: a[:int(n)], out)
         else:
             out, self.kv, self.seen = self.program.step(
                 self.model.params, self.kv, self.seen, inputs, sp, num_top=run.num_top)
-            out = jax.tree.map(lambda a: a[None], jax.device_get(out))
+            n, out = 1, jax.tree.map(lambda a: a[None], jax.device_get(out))
+        cols = np.asarray(plan.slots, np.int64)  # device slots -> the plan's sequence order
+        out = jax.tree.map(lambda a: a[:int(n), cols], out)
         now = time.perf_counter()
         run.device_s += now - t0
         run.device_calls += 1
@@ -242,7 +295,8 @@ class Engine:
         return self._step_events(run, plan, slots, out, now - run.start)
 
     def _flags(self, plan: StepPlan, slots: list[Track], out: StepOutput) -> np.ndarray:
-        """bool [n, S]: the slot finished at that row (stop token or non-finite logits)."""
+        """bool [n, num_seqs]: the sequence finished at that row (stop token or non-finite
+        logits)."""
         flags = np.zeros(out.tokens.shape, bool)
         for slot, t in enumerate(slots):
             if plan.samples[slot]:
@@ -272,11 +326,11 @@ class Engine:
             run.note_tokens(t.index, n, now)
         return events
 
-    def _stop_table(self, slots: list[Track]) -> np.ndarray:
-        """int32 [S, W]: each slot's stop ids, padded with -1 (W a power of two >= 1)."""
+    def _stop_table(self, plan: StepPlan, slots: list[Track]) -> np.ndarray:
+        """int32 [S, W]: each device slot's stop ids, padded with -1 (W a power of two >= 1)."""
         width = token_bucket(max((len(t.stops) for t in slots), default=1), 1)
         table = np.full((self.config.max_seqs, width), -1, np.int32)
-        for slot, t in enumerate(slots):
+        for slot, t in zip(plan.slots, slots):
             table[slot, :len(t.stops)] = sorted(t.stops)
         return table
 
@@ -285,21 +339,21 @@ class Engine:
         seeds = np.zeros((s, 2), np.uint32)
         token_index = np.zeros(s, np.int32)
         index = np.zeros(s, np.int64)
-        for slot, t in enumerate(slots):
+        for slot, t in zip(plan.slots, slots):
             seeds[slot], index[slot] = t.seed, t.index
             token_index[slot] = len(t.request.output)
-        rows = self._seen_rows_for(slots)
+        rows = self._seen_rows_for(plan, slots)
         sp = jax.tree.map(lambda a: a[index], sp_all)
         return step_inputs(plan, rows, seeds, token_index), sp
 
-    def _seen_rows_for(self, slots: list[Track]) -> np.ndarray:
-        """Seen-table rows of the slots: penalty requests keep a row while running (a row is
+    def _seen_rows_for(self, plan: StepPlan, slots: list[Track]) -> np.ndarray:
+        """Seen-table rows of the device slots: penalty requests keep a row while running (a row is
         filled with the request's tokens when it is (re)admitted); others get max_seqs."""
         s = self.config.max_seqs
         for req in [r for r in self._seen_rows if r.state is not RequestState.RUNNING]:
             del self._seen_rows[req]
         rows = np.full(s, s, np.int32)
-        for slot, t in enumerate(slots):
+        for slot, t in zip(plan.slots, slots):
             if not t.penalty:
                 continue
             if t.request not in self._seen_rows:

@@ -10,8 +10,9 @@ non-finite logits, or when max_steps steps ran. Every step is exactly `engine_st
 request's tokens (greedy or sampled: token i uses fold_in(key(seed), i)) equal those of single
 steps.
 
-Decode-only layout (`jaxinfer.engine.plan`): slot i owns packed row i (T >= num_seqs rows, the rest
-padding), so the next step's inputs are computed on device from the sampled tokens [S].
+Decode-only layout (`jaxinfer.engine.plan`): slot i of a group owns packed row i of the group's
+block (Tg >= its num_seqs rows, the rest padding), so the next step's inputs are computed on
+device from the sampled tokens [S].
 """
 
 from __future__ import annotations
@@ -30,23 +31,33 @@ from jaxinfer.engine.device import PagedKV, StepInputs, StepOutput, engine_step,
 from jaxinfer.sampling import DeviceSampling
 
 
-def next_decode_inputs(inp: StepInputs, tokens: jax.Array, page_size: int,
-                       num_pages: int) -> StepInputs:
-    """The inputs of the next decode step: row r < num_seqs (= slot r) feeds tokens[r] one
-    position further; padding rows stay padding."""
-    rows = jnp.arange(inp.token_ids.shape[0])  # [T]
-    real = rows < inp.num_seqs
-    positions = jnp.where(real, inp.positions + 1, 0)
-    slot_of_row = jnp.minimum(rows, inp.page_table.shape[0] - 1)
-    pages = inp.page_table[slot_of_row, positions // page_size]  # [T]
+def _next_group_rows(positions, page_table, kv_lens, num_seqs, tokens, page_size: int,
+                     num_pages: int):
+    """One group's next decode rows: row r < num_seqs (= slot r) feeds tokens[r] one position
+    further; padding rows stay padding. positions [Tg], page_table [Sg, W], kv_lens, tokens
+    [Sg] -> (token_ids, positions, slot_mapping [Tg], kv_lens [Sg])."""
+    rows = jnp.arange(positions.shape[0])  # [Tg]
+    real = rows < num_seqs
+    positions = jnp.where(real, positions + 1, 0)
+    slot_of_row = jnp.minimum(rows, page_table.shape[0] - 1)
+    pages = page_table[slot_of_row, positions // page_size]  # [Tg]
     slot_mapping = jnp.where(real, pages * page_size + positions % page_size,
                              num_pages * page_size)
-    slots = jnp.arange(inp.kv_lens.shape[0])
-    return inp.replace(
-        token_ids=jnp.where(real, jnp.take(tokens, slot_of_row), 0),
-        positions=positions, slot_mapping=slot_mapping,
-        kv_lens=jnp.where(slots < inp.num_seqs, inp.kv_lens + 1, 0),
-        token_index=inp.token_index + 1)
+    slots = jnp.arange(kv_lens.shape[0])
+    return (jnp.where(real, jnp.take(tokens, slot_of_row), 0), positions, slot_mapping,
+            jnp.where(slots < num_seqs, kv_lens + 1, 0))
+
+
+def next_decode_inputs(inp: StepInputs, tokens: jax.Array, page_size: int,
+                       num_pages: int) -> StepInputs:
+    """The inputs of the next decode step, group by group (`_next_group_rows`); tokens [S],
+    num_pages: pages of one group's pool segment."""
+    next_rows = functools.partial(_next_group_rows, page_size=page_size, num_pages=num_pages)
+    token_ids, positions, slot_mapping, kv_lens = jax.vmap(next_rows)(
+        inp.positions, inp.page_table, inp.kv_lens, inp.num_seqs,
+        tokens.reshape(inp.kv_lens.shape))
+    return inp.replace(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
+                       kv_lens=kv_lens, token_index=inp.token_index + 1)
 
 
 def decode_loop(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: DeviceSampling,
@@ -85,41 +96,50 @@ def decode_loop(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
 
 
 def pool_specs(kv: PagedKV, sh) -> PagedKV:
-    """PartitionSpecs of a pool under a phase sharding: pages and slots whole on every chip, KV
-    heads split like the dense cache's (`PhaseSharding.cache` rules)."""
-    pages = sh.cache.spec((None, ax.ACT_KV_HEADS, None, None))  # [P, K, page, H]
-    scales = sh.cache.spec((None, ax.ACT_KV_HEADS, None))  # [P, K, page]
+    """PartitionSpecs of a pool under a phase sharding, split like the dense cache
+    (`PhaseSharding.cache` rules): its pages like the batch (one segment per slot group under
+    batch-sharded attention, whole otherwise), KV heads like the heads."""
+    pages = sh.cache.spec((ax.BATCH, ax.ACT_KV_HEADS, None, None))  # [P, K, page, H]
+    scales = sh.cache.spec((ax.BATCH, ax.ACT_KV_HEADS, None))  # [P, K, page]
     layers = lambda spec, buffers: None if buffers is None else tuple(spec for _ in buffers)
     return PagedKV(k=layers(pages, kv.k), v=layers(pages, kv.v),
                    k_scale=layers(scales, kv.k_scale), v_scale=layers(scales, kv.v_scale))
 
 
+def num_groups(rt: model_lib.Runtime) -> int:
+    """The step's slot groups: one per attention batch shard (1 with attention over heads);
+    a ValueError for a layout the engine does not run (`check_engine_sharding`)."""
+    check_engine_sharding(rt)
+    return rt.sharding.size(rt.lc.attn_batch)
+
+
 def check_engine_sharding(rt: model_lib.Runtime) -> None:
-    """The engine packs every step into one row: its layout must keep the residual's batch whole
-    and shard attention over heads."""
+    """Every chip runs the step's whole residual (the weight-stationary layouts: pope2022.md
+    §5.1, §5.2), attention over heads or over the batch (one slot group per chip, §6.2b)."""
     sh = rt.sharding
-    if rt.lc.attention != "heads" or any(sh.row_spec()):
+    if any(sh.row_spec()):
         raise ValueError(
-            f"the engine runs a plan's decode layout only with attention sharded over heads and "
-            f"the batch unsplit; this plan's decode phase has attention={rt.lc.attention!r} and "
-            f"rows split as {sh.row_spec()}")
+            f"the engine runs a plan's decode layout only with the residual's batch unsplit "
+            f"(weight-stationary layouts); this plan's decode phase ({sh.description}) splits "
+            f"rows as {sh.row_spec()}")
 
 
 class StepProgram:
     """The jitted engine step, on-device decode loop and seen-row fill of one model (the pool
     and the seen table donated). On a mesh of several devices each program is the per-chip
     function under one `jax.shard_map`: parameters by their placement specs, the pool over KV
-    heads (`pool_specs`), everything else (inputs, sampling, outputs, seen table) replicated, so
-    every chip samples the same tokens from the same gathered logits."""
+    heads or its pages over the slot groups (`pool_specs`), everything else (inputs, sampling,
+    outputs, seen table) replicated, so every chip samples the same tokens from the same
+    gathered logits. `groups`: the slot groups the step's plans must have (`num_groups`)."""
 
     def __init__(self, cfg: ModelConfig, rt: model_lib.Runtime, pool: PagedKV):
         self.cfg, self.rt = cfg, rt
+        self.groups = num_groups(rt)
         step = functools.partial(engine_step, cfg=cfg, rt=rt)
         loop = functools.partial(decode_loop, cfg=cfg, rt=rt)
         sh = rt.sharding
         self.kv_specs = pool_specs(pool, sh)
         if sh.mesh.size > 1:
-            check_engine_sharding(rt)
             params = placement.param_specs(cfg, rt.quantization, sh)
             rep = P()
             step = self._sharded(step, (params, self.kv_specs, rep, rep, rep),

@@ -6,6 +6,11 @@ feeds `query_start[i+1] - query_start[i]` tokens, packed into `token_ids` rows
 query_start[i]..query_start[i+1]-1, at positions kv_lens[i] - q_len .. kv_lens[i] - 1 of its
 sequence; its K/V live in pages `page_table[i, :ceil(kv_lens[i] / page_size)]`, in order, and the
 new tokens' K/V are written at `slot_mapping` (page * page_size + offset) before attention reads.
+
+Grouped layout (`stack_plans`, batch-sharded attention, pope2022.md §6.2b): the S slots form G
+groups of S/G, the packed rows G blocks of T/G, the page pool G segments; group g's sequences sit
+at slots g*S/G.., its tokens in row block g (each block laid out as above, offsets local to it),
+its pages in segment g (ids local to the segment). One group (G = 1) is the layout above.
 """
 
 from __future__ import annotations
@@ -108,7 +113,8 @@ class StepPlan:
     step: int
     """Step index (0, 1, ...); `Scheduler.update` must get the plan of the latest step."""
     request_ids: tuple[Hashable, ...]
-    """Request id of each slot 0..num_seqs-1."""
+    """Request id of each sequence, slot 0..num_seqs-1 (grouped: device slot `slots[i]`); the
+    per-sequence tuples below follow this order."""
     chunk_token_ids: tuple[tuple[int, ...], ...]
     """Token ids each slot feeds this step (one decode token, or a prefill chunk)."""
     start_positions: tuple[int, ...]
@@ -116,10 +122,11 @@ class StepPlan:
     samples: tuple[bool, ...]
     """Whether each slot's last fed token yields a sampled token (decode, or last prompt chunk)."""
     num_seqs: int
-    """Slots in use; entries of the per-slot arrays past it are padding."""
+    """Slots in use; entries of the per-slot arrays past it are padding (grouped: those past
+    each group's `group_seqs`)."""
     num_decode_seqs: int
     """Slots 0..num_decode_seqs-1 are decodes (sequences past their prefill, each fed the one
-    token it sampled last); the prefill chunks follow."""
+    token it sampled last); the prefill chunks follow (grouped: within each group)."""
     num_tokens: int
     """Real token rows; rows num_tokens..T-1 of the packed arrays are padding."""
     token_ids: np.ndarray
@@ -137,7 +144,8 @@ class StepPlan:
     """int32 [S]: tokens in each slot's cache including this step's (start + chunk length);
     0 for padding slots."""
     query_start: np.ndarray
-    """int32 [S+1]: cumulative offsets of each slot's rows in the packed arrays; num_tokens pads."""
+    """int32 [S+1]: cumulative offsets of each slot's rows in the packed arrays; num_tokens pads.
+    Grouped: [G * (S/G + 1)], group g's offsets within its row block."""
     sample_rows: np.ndarray
     """int32 [S]: packed row of each slot's last fed token (its logits row); 0 for padding."""
     sample_mask: np.ndarray
@@ -146,7 +154,17 @@ class StepPlan:
     """int32 [S]: tokens each slot may sample in this device call. 1 for a sampling slot of an
     ordinary step; in a decode-only step planned with lookahead, up to the lookahead (pages
     reserved for the extra tokens, capped by max_new_tokens); 0 for non-sampling and padding
-    slots. The device runs at most min(step_limits[:num_seqs]) steps of a decode-only plan."""
+    slots. The device runs at most min(step_limits[slots]) steps of a decode-only plan."""
+    group_seqs: np.ndarray
+    """int32 [G]: sequences of each slot group (G = 1: [num_seqs]); see the grouped layout."""
+    slots: tuple[int, ...]
+    """Device slot of each of the num_seqs sequences (the index of the per-slot arrays):
+    0..num_seqs-1 in one group, g*S/G + i for the i-th sequence of group g."""
+
+    @property
+    def num_groups(self) -> int:
+        """G: the slot groups (attention batch shards) of the layout."""
+        return len(self.group_seqs)
 
 
 def token_bucket(num_tokens: int, minimum: int) -> int:
@@ -226,4 +244,46 @@ def build_step_plan(step: int, entries: Sequence[tuple[Request, int]], *, num_de
         slot_mapping=_frozen(slot_mapping), page_table=_frozen(page_table),
         kv_lens=_frozen(kv_lens), query_start=_frozen(query_start),
         sample_rows=_frozen(sample_rows), sample_mask=_frozen(sample_mask),
-        step_limits=_frozen(limits))
+        step_limits=_frozen(limits), group_seqs=_frozen(np.array([num_seqs], np.int32)),
+        slots=tuple(range(num_seqs)))
+
+
+def _padded(plan: StepPlan, rows: int, width: int, pad_slot: int) -> dict[str, np.ndarray]:
+    """The packed arrays of a one-group plan padded to `rows` rows and a `width`-page table."""
+    extra = rows - len(plan.token_ids)
+    table = np.zeros((len(plan.kv_lens), width), np.int32)
+    table[:, :plan.page_table.shape[1]] = plan.page_table
+    return {"token_ids": np.pad(plan.token_ids, (0, extra)),
+            "positions": np.pad(plan.positions, (0, extra)),
+            "slot_mapping": np.pad(plan.slot_mapping, (0, extra), constant_values=pad_slot),
+            "page_table": table}
+
+
+def stack_plans(step: int, plans: Sequence[StepPlan], pad_slot: int) -> StepPlan:
+    """One plan in the grouped layout (module docstring) from one-group plans of equal slot
+    counts, plan g for group g (page ids local to its segment; `pad_slot` = pages per segment *
+    page_size, every plan's padding slot). Blocks are padded to the widest token bucket and
+    page table; a plan with prefill chunks in some group runs one step (step_limits <= 1)."""
+    if len(plans) == 1:
+        return dataclasses.replace(plans[0], step=step)
+    rows = max(len(p.token_ids) for p in plans)
+    width = max(p.page_table.shape[1] for p in plans)
+    padded = [_padded(p, rows, width, pad_slot) for p in plans]
+    cat = lambda arrays: _frozen(np.concatenate(arrays))
+    joined = lambda name: sum((getattr(p, name) for p in plans), ())
+    per_group = len(plans[0].kv_lens)
+    num_seqs = sum(p.num_seqs for p in plans)
+    num_decode_seqs = sum(p.num_decode_seqs for p in plans)
+    limits = np.concatenate([p.step_limits for p in plans])
+    if num_decode_seqs < num_seqs:
+        limits = np.minimum(limits, 1)
+    return StepPlan(
+        step=step, request_ids=joined("request_ids"), chunk_token_ids=joined("chunk_token_ids"),
+        start_positions=joined("start_positions"), samples=joined("samples"), num_seqs=num_seqs,
+        num_decode_seqs=num_decode_seqs, num_tokens=sum(p.num_tokens for p in plans),
+        **{name: cat([d[name] for d in padded]) for name in padded[0]},
+        **{name: cat([getattr(p, name) for p in plans])
+           for name in ("kv_lens", "query_start", "sample_rows", "sample_mask")},
+        step_limits=_frozen(limits),
+        group_seqs=_frozen(np.array([p.num_seqs for p in plans], np.int32)),
+        slots=tuple(g * per_group + i for g, p in enumerate(plans) for i in range(p.num_seqs)))

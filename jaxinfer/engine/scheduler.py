@@ -111,6 +111,15 @@ class Scheduler:
         and so is an id of a request still waiting or running (finished ids may be reused)."""
         if request_id in self._ids:
             raise ValueError(f"request_id {request_id!r} is already waiting or running")
+        req = self.make_request(request_id, prompt, max_new_tokens, extra_key, self._arrivals)
+        self._arrivals += 1
+        self.enqueue(req)
+        self._stats.prompt_tokens += len(req.prompt)
+        return req
+
+    def make_request(self, request_id: Hashable, prompt: Sequence[int], max_new_tokens: int,
+                     extra_key: str | bytes | None, arrival: int) -> Request:
+        """A checked new `Request` (the errors of `add_request`, but the id's), not queued."""
         tokens = self._check_prompt(request_id, prompt)
         max_new = _check_int("max_new_tokens", max_new_tokens, 1)
         self.check_fits(request_id, len(tokens), max_new)
@@ -120,13 +129,17 @@ class Scheduler:
             extra_key = b""
         elif not isinstance(extra_key, bytes):
             raise ValueError(f"extra_key must be str, bytes or None, got {extra_key!r}")
-        req = Request(request_id=request_id, prompt=tokens, max_new_tokens=max_new,
-                      arrival=self._arrivals, extra_key=extra_key)
-        self._ids.add(request_id)
-        self._arrivals += 1
+        return Request(request_id=request_id, prompt=tokens, max_new_tokens=max_new,
+                       arrival=arrival, extra_key=extra_key)
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a waiting request from `make_request` (a `GroupedScheduler` hands its requests
+        to the group that will run them this way; their statistics stay the caller's)."""
+        if req.request_id in self._ids or req.state is not RequestState.WAITING:
+            raise ValueError(f"request {req.request_id!r} is already queued here or not waiting "
+                             f"(state {req.state.value})")
+        self._ids.add(req.request_id)
         self._waiting.append(req)
-        self._stats.prompt_tokens += len(tokens)
-        return req
 
     def _check_prompt(self, request_id: Hashable, prompt: Sequence[int]) -> tuple[int, ...]:
         arr = np.asarray(prompt)
@@ -285,6 +298,10 @@ class Scheduler:
             self._running.append(req)
             build.entries[req] = want
             build.budget -= want
+
+    def cached_prefix_pages(self, req: Request) -> int:
+        """Pages of `req`'s prefix that admitting it now would take from the prefix cache."""
+        return len(self._match(req))
 
     def _match(self, req: Request) -> list[int]:
         """Cached pages of the longest prefix of `req`, leaving at least one token to compute."""

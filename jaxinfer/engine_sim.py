@@ -1,0 +1,292 @@
+"""Predict the continuous-batching engine: its own scheduler driven by a clock of priced steps.
+
+`simulate` runs the engine's `Scheduler` over a workload's requests as `Engine.stream` does
+(prompts handed over lazily while fewer than max_seqs wait; each device call plans a step with
+lookahead steps_per_call; a decode-only plan whose slots may sample several tokens runs the
+on-device loop for min(step_limits) steps, else one step), but instead of running a device it
+advances a clock by each call's predicted time and hands back placeholder tokens. No request
+stops early: every one generates its max_new_tokens (the issue-14 workload, and `jaxinfer
+generate --input` without stop tokens). Every request is queued at the start, as in one
+`Engine.generate` call. The figures are those `EngineStats` reports: useful tok/s, and per
+request TTFT (from the start to its first token) and TPOT ((last - first) / (tokens - 1)).
+
+`StepPricer` prices one engine step, what `jaxinfer.engine.device.engine_step` runs on a
+`StepPlan`: the model over the step's packed token rows (T, the token bucket: decode tokens and
+prefill chunks, padding included) as ONE sequence of T tokens under the phase plan, priced by
+`partitioning.efficiency` (weights read once, T matmul rows, the collectives of T rows, the
+per-step and per-block fixed costs), plus the logits of the step's S = max_seqs sampling rows, plus
+its paged attention (`AttentionCost`):
+
+- ``pages`` (the Pallas kernels, TPU / GPU): every sequence's pages read once, the KV bytes of
+  `cost_model.kv_cache_bytes_per_chip` at the achievable HBM bandwidth;
+- ``gather`` (the XLA twin, `pallas_kernels.ragged_paged_attention_ref`, what runs on CPU): every
+  work item (`work_items`: its static count W depends on T, S and the block size) gathers the
+  page table's full width (J pages, `plan.page_bucket`) and attends over all J x page_size keys,
+  masked; priced from the gathered K/V bytes and the attention FLOPs at rates measured on this
+  machine (`jaxinfer.engine_calibrate`), since those copies run far below the streaming bandwidth.
+
+A device call adds `call_overhead_s` (host scheduling and bookkeeping, input transfer, dispatch:
+measured once per machine by `jaxinfer.engine_calibrate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.plan import StepPlan
+from jaxinfer.engine.scheduler import Scheduler
+from partitioning.cost_model import Workload, kv_cache_bytes_per_chip
+from partitioning.efficiency import ExpectedStep, evaluate, step_terms
+from partitioning.hardware import HardwareProfile
+from partitioning.plan import PhasePlan
+
+ATTENTION_KINDS = ("pages", "gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCost:
+    """How an engine step's ragged paged attention is priced (module docstring)."""
+
+    kind: str
+    """'pages' (kernels read each sequence's pages) or 'gather' (the XLA twin's page gathers)."""
+    s_per_byte: float = 0.0
+    """gather: seconds per gathered K/V byte on one device (measured)."""
+    s_per_flop: float = 0.0
+    """gather: seconds per attention FLOP over the gathered keys on one device (measured)."""
+    source: str = ""
+    """Where the rates come from."""
+
+    def __post_init__(self):
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"AttentionCost.kind must be one of {ATTENTION_KINDS}, "
+                             f"got {self.kind!r}")
+        for name in ("s_per_byte", "s_per_flop"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"AttentionCost.{name} must be finite and >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadRequest:
+    """One request of a workload."""
+
+    prompt: tuple[int, ...]
+    """Prompt token ids."""
+    max_new_tokens: int
+    """Tokens it generates (no stop tokens)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Predicted time of one engine step."""
+
+    step_s: float
+    """dense.step_s + attention_s."""
+    dense: ExpectedStep
+    """The model over the step's rows (`partitioning.efficiency`), logits of S rows included;
+    with 'pages' attention its kv_load_s holds the attention's reads."""
+    attention_s: float
+    """'gather' attention (0 for 'pages': inside `dense`)."""
+
+
+@functools.lru_cache(maxsize=None)
+def gather_items(rows: int, slots: int, n_heads: int, kv_heads: int) -> tuple[int, int]:
+    """(work items W, query rows per item) of the XLA twin for a step of `rows` packed rows
+    over `slots` page-table rows: the shapes `ragged_paged_attention_ref` builds."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention_ref import ref_block_q, work_items
+
+    block_q = ref_block_q(rows, slots, n_heads, kv_heads)
+    fn = lambda qs, kv: work_items(qs, kv, block_q=block_q, n_blocks=-(-rows // block_q),
+                                   page_size=1, t_len=rows).seq  # noqa: E731
+    seq = jax.eval_shape(fn, jax.ShapeDtypeStruct((slots + 1,), jnp.int32),
+                         jax.ShapeDtypeStruct((slots,), jnp.int32))
+    return int(seq.shape[0]), block_q
+
+
+class StepPricer:
+    """Prices engine steps of one model under one phase plan on one hardware profile (module
+    docstring); steps of equal shape are priced once."""
+
+    def __init__(self, cfg: ModelConfig, plan: PhasePlan, hw: HardwareProfile,
+                 attention: AttentionCost, *, weight_bytes: float = 4.0, act_bytes: float = 4.0,
+                 kv_bytes: float = 4.0):
+        if plan.attention != "heads" or plan.layout not in ("1d-ws", "2d-ws"):
+            raise ValueError(f"the engine runs weight-stationary layouts with heads-sharded "
+                             f"attention (the batch unsplit), got {plan.layout}/{plan.attention}")
+        self.cfg, self.plan, self.hw, self.attention = cfg, plan, hw, attention
+        self.bytes = (weight_bytes, act_bytes, kv_bytes)
+        self._memo: dict[tuple, StepCost] = {}
+        self._terms_memo: dict[tuple[int, int], object] = {}
+
+    def step(self, rows: int, slots: int, width: int, page_size: int, keys: int) -> StepCost:
+        """One step of `rows` packed rows (the token bucket), `slots` sampling rows (max_seqs),
+        a page table `width` pages wide, `keys` cached tokens read over all sequences ('pages'
+        attention only)."""
+        if self.attention.kind == "gather":
+            keys = 0  # the twin reads the table's width whatever the sequences hold
+        key = (rows, slots, width, page_size, keys)
+        if key not in self._memo:
+            self._memo[key] = self._price(*key)
+        return self._memo[key]
+
+    def _terms(self, rows: int, slots: int):
+        """The cost model's terms of the model over `rows` rows with `slots` logits rows."""
+        if (rows, slots) not in self._terms_memo:
+            self._terms_memo[rows, slots] = self._dense_terms(rows, slots)
+        return self._terms_memo[rows, slots]
+
+    def _dense_terms(self, rows: int, slots: int):
+        cfg, n = self.cfg, self.plan.mesh.n
+        wb, ab, kb = self.bytes
+        wl = Workload(batch=1, tokens=rows, context=0, weight_bytes=wb, act_bytes=ab,
+                      kv_bytes=kb, logits_tokens=slots)
+        terms = step_terms(cfg, self.plan, wl, self.hw)
+        logits = 2.0 * cfg.vocab_size * cfg.d_model * (slots - 1)  # the estimate counts 1 row
+        return dataclasses.replace(terms, roofline=dataclasses.replace(
+            terms.roofline, compute_s=terms.roofline.compute_s
+            + logits / (n * self.hw.peak_flops_bf16)))
+
+    def _price(self, rows, slots, width, page_size, keys) -> StepCost:
+        cfg, kb = self.cfg, self.bytes[2]
+        terms = self._terms(rows, slots)
+        est = terms.roofline
+        attention_s = 0.0
+        if self.attention.kind == "pages":
+            read = kv_cache_bytes_per_chip(cfg, self.plan, 1, keys, kb)
+            est = dataclasses.replace(est, kv_load_s=read / self.hw.hbm_bw)
+        else:
+            attention_s = self._gather_seconds(rows, slots, width * page_size)
+        dense = evaluate(dataclasses.replace(terms, roofline=est), self.hw.efficiency)
+        return StepCost(dense.step_s + attention_s, dense, attention_s)
+
+    def _gather_seconds(self, rows: int, slots: int, keys_per_item: int) -> float:
+        """The twin's attention over all layers on one chip: gathered bytes and FLOPs at the
+        measured rates; n host devices share the machine, so each runs at 1/n of its rate."""
+        cfg, n = self.cfg, self.plan.mesh.n
+        items, block_q = gather_items(rows, slots, cfg.n_heads, cfg.n_kv_heads)
+        gathered = kv_cache_bytes_per_chip(cfg, self.plan, items, keys_per_item, self.bytes[2])
+        flops = 4.0 * cfg.n_layers * items * block_q * keys_per_item * cfg.n_heads \
+            * cfg.head_dim / n
+        return n * (gathered * self.attention.s_per_byte + flops * self.attention.s_per_flop)
+
+    def call(self, plan: StepPlan, steps: int, page_size: int) -> float:
+        """Seconds of the `steps` steps one device call runs for `plan` (the decode loop feeds
+        each sequence one more token per step)."""
+        rows, width = len(plan.token_ids), plan.page_table.shape[1]
+        slots = len(plan.kv_lens)
+        kv = plan.kv_lens[:plan.num_seqs].astype(np.int64)
+        total = 0.0
+        for j in range(steps):
+            keys = int((-(-(kv + j) // page_size)).sum()) * page_size
+            total += self.step(rows, slots, width, page_size, keys).step_s
+        return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The simulated engine run's figures (as `EngineStats` defines them)."""
+
+    wall_s: float
+    """Predicted duration of the run."""
+    device_s: float
+    """Sum of the predicted step times (wall_s less the per-call overheads)."""
+    generated_tokens: int
+    """Tokens generated: the sum of max_new_tokens."""
+    steps: int
+    """Engine steps."""
+    device_calls: int
+    """Device calls."""
+    preemptions: int
+    """Sequences preempted for lack of pages."""
+    decode_batch: float
+    """Mean decode sequences per step that has any."""
+    ttft_s: tuple[float, ...]
+    """Per request (workload order): time from the start to its first token."""
+    tpot_s: tuple[float | None, ...]
+    """Per request: (last token time - first) / (tokens - 1); None for one token."""
+
+    @property
+    def useful_tok_s(self) -> float:
+        """Generated (= requested) tokens per second."""
+        return self.generated_tokens / self.wall_s
+
+    def ttft(self, q: float) -> float:
+        """The q-th percentile of TTFT, seconds."""
+        return float(np.percentile(self.ttft_s, q))
+
+    def tpot(self, q: float) -> float:
+        """The q-th percentile of TPOT over requests of two tokens or more (nan if none)."""
+        values = [t for t in self.tpot_s if t is not None]
+        return float(np.percentile(values, q)) if values else float("nan")
+
+
+def make_scheduler(config: EngineConfig, num_pages: int, max_model_len: int) -> Scheduler:
+    """The scheduler `Engine` builds for `config` over a pool of `num_pages` pages."""
+    return Scheduler(
+        max_seqs=config.max_seqs, page_size=config.page_size, num_pages=num_pages,
+        token_budget=config.token_budget,
+        max_prefill_chunk=config.max_prefill_chunk or config.token_budget,
+        max_model_len=max_model_len, prefix_caching=config.prefix_caching,
+        min_token_bucket=config.min_token_bucket)
+
+
+def _steps_of_call(plan: StepPlan, steps_per_call: int) -> int:
+    """Steps the engine runs for `plan` in one call (no stop tokens: the loop's bound)."""
+    if steps_per_call > 1 and int(plan.step_limits.max()) > 1:
+        limits = plan.step_limits[:plan.num_seqs][plan.sample_mask[:plan.num_seqs]]
+        return int(min(steps_per_call, limits.min()))
+    return 1
+
+
+def simulate(requests: Sequence[WorkloadRequest], config: EngineConfig, num_pages: int,
+             max_model_len: int, pricer: StepPricer, call_overhead_s: float) -> Prediction:
+    """Run the engine's scheduler over `requests` on a clock of predicted call times (module
+    docstring); a request that cannot fit the pool or max_model_len is the scheduler's
+    ValueError naming it."""
+    if not requests:
+        raise ValueError("the workload has no requests")
+    sched = make_scheduler(config, num_pages, max_model_len)
+    first = np.full(len(requests), np.nan)
+    last = np.full(len(requests), np.nan)
+    counts = np.zeros(len(requests), np.int64)
+    clock = device = 0.0
+    calls = decode_steps = decode_seqs = 0
+    fed = 0
+    while True:
+        while fed < len(requests) and sched.num_waiting < config.max_seqs:
+            sched.add_request(fed, requests[fed].prompt, requests[fed].max_new_tokens)
+            fed += 1
+        if not sched.has_unfinished:
+            break
+        plan = sched.schedule(lookahead=config.steps_per_call)
+        n = _steps_of_call(plan, config.steps_per_call)
+        seconds = pricer.call(plan, n, config.page_size)
+        device += seconds
+        clock += seconds + call_overhead_s
+        calls += 1
+        if plan.num_decode_seqs:
+            decode_steps += n
+            decode_seqs += n * plan.num_decode_seqs
+        sampled = [rid for rid, s in zip(plan.request_ids, plan.samples) if s]
+        first[sampled] = np.where(np.isnan(first[sampled]), clock, first[sampled])
+        last[sampled] = clock
+        counts[sampled] += n
+        zeros = np.zeros((n, plan.num_seqs), np.int32)
+        sched.update(plan, zeros if n > 1 else zeros[0])
+    stats = sched.stats
+    tpot = tuple(None if c < 2 else float((b - a) / (c - 1))
+                 for a, b, c in zip(first, last, counts))
+    return Prediction(
+        wall_s=clock, device_s=device, generated_tokens=stats.generated_tokens,
+        steps=stats.steps, device_calls=calls, preemptions=stats.preemptions,
+        decode_batch=decode_seqs / decode_steps if decode_steps else 0.0,
+        ttft_s=tuple(float(x) for x in first), tpot_s=tpot)

@@ -1,0 +1,166 @@
+"""The engine planner (issue 16 item 5): simulator accounting, workload specs, the search with
+targets, the CLI, and a loose predicted-vs-measured check on a small model."""
+
+import json
+
+import pytest
+
+from jaxinfer import cli, engine_calibrate, engine_planner, validation
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine import EngineConfig
+from jaxinfer.engine_sim import AttentionCost, StepPricer, WorkloadRequest, simulate
+from partitioning import calibrate
+from partitioning.hardware import cpu_profile
+from partitioning.mesh import MeshShape
+from partitioning.plan import PhasePlan
+from partitioning.planner import PlanningError
+from test_calibration import _synthetic
+
+SMALL = ModelConfig(name="planner-small", vocab_size=1024, d_model=256, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=64, d_ff=512, max_context=256)
+ONE = PhasePlan("decode", "1d-ws", "heads", MeshShape(1, 1, 1))
+GATHER = AttentionCost("gather", 1e-9, 1e-11, source="test")
+
+
+def _requests(n=12, seed=0):
+    return engine_planner.parse_workload(
+        f"lognormal:prompt=20,output=12,n={n},seed={seed},max_prompt=60,max_output=40",
+        SMALL.vocab_size)
+
+
+def _simulate(requests, max_seqs, budget=64, pages=256):
+    pricer = StepPricer(SMALL, ONE, cpu_profile(_synthetic()), GATHER)
+    config = EngineConfig(max_seqs=max_seqs, token_budget=budget, max_model_len=128)
+    return simulate(requests, config, pages, 128, pricer, 1e-3)
+
+
+def test_simulator_accounts_for_every_token_and_request():
+    requests = _requests()
+    p = _simulate(requests, 4)
+    assert p.generated_tokens == sum(r.max_new_tokens for r in requests)
+    assert p.wall_s > p.device_s > 0 and p.useful_tok_s == p.generated_tokens / p.wall_s
+    assert all(0 < t <= p.wall_s for t in p.ttft_s)
+    assert all(t is None or t > 0 for t in p.tpot_s)
+    assert p.steps >= max(r.max_new_tokens for r in requests) and p.device_calls <= p.steps
+    # a pool too small for a request is the scheduler's error naming it
+    with pytest.raises(ValueError, match="needs .* pages"):
+        _simulate([WorkloadRequest(tuple(range(3, 100)), 20)], 4, pages=2)
+
+
+def test_more_max_seqs_never_lowers_the_decode_batch():
+    requests = _requests(24)
+    batches = [_simulate(requests, s).decode_batch for s in (1, 2, 4, 8, 16)]
+    assert batches == sorted(batches) and batches[0] == 1.0 and batches[-1] > 4
+
+
+def _plan(**kw):
+    return engine_planner.plan_engine(SMALL, _requests(), cpu_profile(_synthetic()), [ONE],
+                                      GATHER, 1e-3, max_seqs=(2, 8), token_budgets=(16, 64),
+                                      **kw)
+
+
+def test_targets_are_met_in_the_planners_own_prediction():
+    free = _plan()
+    assert len(free.candidates) == 4 and free.best is free.candidates[0]
+    assert free.best.prediction.useful_tok_s == max(c.prediction.useful_tok_s
+                                                    for c in free.candidates)
+    tpots = sorted(c.prediction.tpot(99) for c in free.candidates)
+    target = (tpots[0] + tpots[-1]) / 2
+    chosen = _plan(tpot_target_s=target)
+    assert chosen.best.misses is None and chosen.best.prediction.tpot(99) <= target
+    assert all(c.misses for c in chosen.candidates if c.prediction.tpot(99) > target)
+    with pytest.raises(PlanningError, match="lowest predicted TPOT p99 is .* against the "
+                                            "target"):
+        _plan(tpot_target_s=tpots[0] / 2)
+    with pytest.raises(PlanningError, match="lowest predicted TTFT p99"):
+        _plan(ttft_target_s=1e-6)
+
+
+def test_workload_specs_and_their_errors(tmp_path):
+    reqs = engine_planner.parse_workload("lognormal:prompt=30,output=10,n=5,sigma=0", 100)
+    assert [(len(r.prompt), r.max_new_tokens) for r in reqs] == [(30, 10)] * 5
+    bad = {"lognormal:prompt=30,output=10": "needs n",
+           "lognormal:prompt=30,output=10,n=5,mean=3": "KEY one of",
+           "lognormal:prompt=30,output=ten,n=5": "output must be float",
+           "lognormal:prompt=30,output=10,n=0": "n must be",
+           "nosuch.jsonl": "neither lognormal"}
+    for spec, message in bad.items():
+        with pytest.raises(validation.InvalidArgument, match=message):
+            engine_planner.parse_workload(spec, 100)
+    path = tmp_path / "reqs.jsonl"
+    path.write_text('{"tokens": [5, 6, 7], "max_new_tokens": 4}\n\n'
+                    '{"tokens": [8], "max_new_tokens": 2, "n": 2}\n')
+    reqs = engine_planner.parse_workload(str(path), 100)
+    assert [(r.prompt, r.max_new_tokens) for r in reqs] == [((5, 6, 7), 4), ((8,), 2),
+                                                             ((8,), 2)]
+    path.write_text('{"tokens": [5], "max_new_tokens": 4}\n{"prompt": "hi"}\n')
+    with pytest.raises(validation.InvalidArgument, match="line 2: text prompts need a "
+                                                         "tokenizer"):
+        engine_planner.parse_workload(str(path), 100)
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path, monkeypatch):
+    """Calibration files with made-up figures, so nothing is measured."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calibrate.save(_synthetic())
+    calibrate.save({"version": engine_calibrate.VERSION, "machine": "test", "timestamp": "now",
+                    "call_overhead_s": 1e-3, "attention": {}}, engine_calibrate.cache_path())
+
+
+def test_cli_plans_the_engine(synthetic_cache, capsys):
+    argv = ["plan", "--model", "llama-2-7b", "--hardware", "tpu-v4", "--mesh", "1x1x2",
+            "--workload", "lognormal:prompt=100,output=40,n=16", "--max-seqs", "8,16",
+            "--token-budget", "64,128", "--tpot-target-ms", "1000", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = out["best"]
+    assert out["workload"]["requests"] == 16 and best["misses"] is None
+    assert best["layout"] in ("1d-ws", "2d-ws") and best["attention"] == "heads"
+    assert best["engine_config"]["max_seqs"] in (8, 16) and best["tpot_p99_s"] <= 1.0
+    assert best["useful_tok_s"] == max(c["useful_tok_s"] for c in out["candidates"])
+    assert cli.main(argv[:-1]) == 0 and "chosen: EngineConfig(" in capsys.readouterr().out
+    assert cli.main(argv + ["--phase", "decode"]) != 0
+    assert "does not combine with --workload" in capsys.readouterr().err
+    assert cli.main(argv[:7] + ["--batch", "8"]) != 0
+    assert "--phase is required" in capsys.readouterr().err
+    assert cli.main(argv[:-1] + ["--tpot-target-ms", "0.001"]) != 0
+    assert "no engine configuration" in capsys.readouterr().err
+
+
+def _quick_single_device_calibration() -> dict:
+    """`calibrate.measure(quick=True)`'s matmul and bandwidth terms, measured; the fixed costs
+    and collectives keep the synthetic figures (one device runs no collective, and the engine's
+    per-call overhead, measured against these fixed costs, absorbs their error)."""
+    curve, memory_bw = calibrate.measure_matmul_curve(
+        *calibrate.SHAPES, tokens=(1, 2, 8, 32, 128), megabytes=64, repeats=2)
+    peak = max([calibrate.measure_peak(512, 2)] + [r for _, r in curve])
+    fraction, half = calibrate.fit_matmul_curve([c for c in curve if c[0] >= 2], peak)
+    return _synthetic(matmul_flops=peak, matmul_peak_fraction=fraction,
+                      matmul_half_tokens=half, matvec_fraction=min(dict(curve)[1] / peak, 1.0),
+                      memory_bw=memory_bw)
+
+
+def test_prediction_is_loosely_near_a_measured_engine_run():
+    """The real figures of this machine (quick calibration, twin attention, call overhead)
+    predict a small engine run within 3x."""
+    from jaxinfer.api import Model
+    from jaxinfer.sampling import SamplingParams
+
+    measurement = _quick_single_device_calibration()
+    figures = {"call_overhead_s": engine_calibrate.measure_call_overhead(
+        measurement, requests=8)["call_overhead_s"], "source": "test",
+        "attention": engine_calibrate.measure_attention(SMALL, 16, "float32")}
+    requests = _requests(8, seed=1)
+    config = EngineConfig(max_seqs=8, token_budget=64, max_model_len=128,
+                          prefix_caching=False)  # the second run would hit the first's pages
+    engine = Model.random(SMALL).engine(config)
+    params = [SamplingParams(max_new_tokens=r.max_new_tokens, stop_tokens=()) for r in requests]
+    prompts = [list(r.prompt) for r in requests]
+    engine.generate(prompts, params)  # compile
+    measured = engine.generate(prompts, params).stats
+    pricer = StepPricer(SMALL, ONE, cpu_profile(measurement),
+                        engine_calibrate.attention_cost(figures))
+    p = simulate(requests, config, engine.num_pages, 128, pricer, figures["call_overhead_s"])
+    assert p.steps == measured.steps and p.device_calls == measured.device_calls
+    assert 1 / 3 < p.wall_s / measured.wall_s < 3, (p.wall_s, measured.wall_s)
