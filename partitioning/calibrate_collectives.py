@@ -141,6 +141,18 @@ def run_measurements(quick: bool) -> dict:
     return out
 
 
+def host_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess with `devices` simulated CPU devices (the device-count
+    flag replaced, other XLA flags kept) that imports this checkout's packages."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def measure_collectives(devices: int = 8, quick: bool = False, timeout_s: float = 300) -> dict:
     """`run_measurements` with `devices` simulated host devices: in this process if it has
     exactly those (CPU) devices, else in a subprocess started with the device-count flag."""
@@ -148,12 +160,7 @@ def measure_collectives(devices: int = 8, quick: bool = False, timeout_s: float 
 
     if jax.default_backend() == "cpu" and jax.device_count() == devices:
         return run_measurements(quick)
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = host_devices_env(devices)
     cmd = [sys.executable, "-m", "partitioning.calibrate_collectives"] + (["--quick"] if quick
                                                                           else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
 from jaxinfer.config import ModelConfig
+from partitioning.calibrate_collectives import host_devices_env
 from partitioning.cost_model import Workload
 from partitioning.efficiency import ExpectedStep, expected_time
 from partitioning.mesh import MeshShape
@@ -180,12 +180,7 @@ def run_cases(cases, calibration: dict, cfg: ModelConfig | None = None, steps=DE
 def run_cases_on_devices(cases, calibration_file: str, devices: int, steps=DECODE_STEPS,
                          repeats: int = 3, timeout_s: float = 1800) -> list[Row]:
     """`run_cases` in a subprocess with `devices` simulated host devices."""
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = host_devices_env(devices)
     spec = json.dumps({"cases": [dataclasses.asdict(c) for c in cases], "steps": list(steps),
                        "repeats": repeats, "calibration": calibration_file})
     proc = subprocess.run([sys.executable, "-m", "partitioning.measured", spec], env=env,

@@ -29,7 +29,7 @@ import numpy as np
 from jaxinfer.engine.plan import (Request, RequestState, SchedulerStats, StepPlan,
                                   build_step_plan, stack_plans)
 from jaxinfer.engine.prefix_cache import PrefixCacheStats
-from jaxinfer.engine.scheduler import Scheduler, _check_int
+from jaxinfer.engine.scheduler import Scheduler, _check_int, check_can_schedule
 
 
 class GroupedScheduler:
@@ -149,12 +149,7 @@ class GroupedScheduler:
         """Plan the next step: hand waiting requests to groups, plan every group with work,
         stack the plans (a group without work contributes empty padding)."""
         lookahead = _check_int("lookahead", lookahead, 1)
-        if self._pending is not None:
-            raise RuntimeError(
-                f"step {self._pending[0].step} was planned but not updated: call "
-                f"update(plan, sampled_tokens, finished_flags) before scheduling again")
-        if not self.has_unfinished:
-            raise RuntimeError("nothing to schedule: no waiting or running requests")
+        check_can_schedule(self._pending, self.has_unfinished)
         self._dispatch()
         plans = [g.schedule(lookahead) if g.has_unfinished else None for g in self.groups]
         first = self.groups[0]

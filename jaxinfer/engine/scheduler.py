@@ -50,6 +50,17 @@ from jaxinfer.engine.prefix_cache import PrefixCache, PrefixCacheStats, extend_b
 _MAX_TOKEN_ID = 2**31 - 1
 
 
+def check_can_schedule(pending, has_unfinished: bool) -> None:
+    """The errors of scheduling again before the last plan was updated, or with nothing to do
+    (`pending`: the last plan's (plan, ...) awaiting `update`, or None)."""
+    if pending is not None:
+        raise RuntimeError(
+            f"step {pending[0].step} was planned but not updated: call "
+            f"update(plan, sampled_tokens, finished_flags) before scheduling again")
+    if not has_unfinished:
+        raise RuntimeError("nothing to schedule: no waiting or running requests")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -201,12 +212,7 @@ class Scheduler:
     def schedule(self, lookahead: int = 1) -> StepPlan:
         """Plan the next step (see the module docstring for the policy and the lookahead)."""
         lookahead = _check_int("lookahead", lookahead, 1)
-        if self._pending is not None:
-            raise RuntimeError(
-                f"step {self._pending[0].step} was planned but not updated: call "
-                f"update(plan, sampled_tokens, finished_flags) before scheduling again")
-        if not self.has_unfinished:
-            raise RuntimeError("nothing to schedule: no waiting or running requests")
+        check_can_schedule(self._pending, self.has_unfinished)
         build = _StepBuild(budget=self.token_budget)
         decoding = [r for r in self._running if r.num_computed >= r.prefill_target]
         for req in decoding:
