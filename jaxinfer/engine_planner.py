@@ -115,7 +115,7 @@ def describe_workload(requests: list[WorkloadRequest]) -> dict:
 # ---- candidates ---------------------------------------------------------------------------------
 def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None) -> list[PhasePlan]:
     """The decode phase plans the engine can run on `chips`: weight-stationary, attention over
-    heads, batch unsplit (`jaxinfer.engine.loop.check_engine_sharding`), dims divisible. One
+    heads (the layouts `engine_sim.StepPricer` prices), dims divisible. One
     chip: the single 1x1x1 plan."""
     out = []
     for plan in candidates(cfg, "decode", chips, hw, layouts=("1d-ws", "2d-ws"),

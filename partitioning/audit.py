@@ -219,19 +219,25 @@ class AuditResult:
                 for k, r in self.ratios().items()]
 
 
-def priced_bytes(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> dict[str, float]:
-    """Per-chip bytes of the whole step per kind, as the cost model prices them."""
+def priced_bytes(cfg: ModelConfig, plan: PhasePlan, wl: Workload,
+                 exclude: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per-chip bytes of the whole step per kind, as the cost model prices them, leaving out
+    the collectives of the `exclude`d parts (`cost_model.Collective.part`)."""
     out = {k: 0.0 for k in KINDS}
     for c in step_collectives(cfg, plan, wl):
-        out[c.kind] += c.count * c.bytes_per_chip
+        if c.part not in exclude:
+            out[c.kind] += c.count * c.bytes_per_chip
     return out
 
 
-def audit_hlo(hlo: str, cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> AuditResult:
+def audit_hlo(hlo: str, cfg: ModelConfig, plan: PhasePlan, wl: Workload,
+              exclude: tuple[str, ...] = ()) -> AuditResult:
     """Compare the collectives of a compiled step (`compiled.as_text()`) with the price of the
-    same step: `wl` must describe the compiled shapes (batch, tokens, dtypes)."""
+    same step: `wl` must describe the compiled shapes (batch, tokens, dtypes). `exclude`: priced
+    parts the compiled program does not hold (the engine's single step has no decode-loop
+    condition: exclude=("loop",))."""
     return AuditResult(plan=plan, measured=bytes_by_kind(parse_collectives(hlo, plan.mesh.n)),
-                       predicted=priced_bytes(cfg, plan, wl))
+                       predicted=priced_bytes(cfg, plan, wl, exclude))
 
 
 def format_audit(result: AuditResult) -> str:

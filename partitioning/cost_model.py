@@ -1,7 +1,9 @@
 """Analytical cost of one prefill or decode step under a partitioning plan (pope2022.md §4-§6).
 
 Per layer: the collectives of the layout (exact (K-1)/K volumes, §4.3), matmul FLOPs (2 per
-parameter per token, §4.1, plus attention), weight bytes and KV-cache bytes read from HBM (§6.3).
+parameter per token, §4.1, plus attention), weight bytes and KV-cache bytes read from HBM (§6.3),
+each per chip from the layout's storage rules (`chip_weights`: a weight the layout leaves whole,
+such as K/V projections whose heads do not divide over the chips, costs every chip its full size).
 The step adds them up over layers (and the unembedding), combines them as
 ``max(compute, weight_load + kv_load) + comm`` (§4.1 [D]: no overlap of communication assumed), and
 reports MFU (§4.2), cost in chip-seconds per token, per-chip memory and what bounds the step.
@@ -13,6 +15,7 @@ N query heads, K KV heads, Q head dim; mesh X x Y x Z = n chips.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -386,18 +389,55 @@ def kv_cache_bytes_per_chip(cfg: ModelConfig, plan: PhasePlan, batch: int, conte
     return per_seq_head * batch * max(cfg.n_kv_heads / n, 1)
 
 
-def _weights_read_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
-    stored = cfg.param_count() * wl.weight_bytes / plan.mesh.n
-    if plan.layout in GATHERED_AXES:  # gathered weights are read at the gathered size
-        G = math.prod(plan.mesh.as_dict()[a] for a in GATHERED_AXES[plan.layout])
-        return stored * G
-    return stored
+@dataclasses.dataclass(frozen=True)
+class ChipWeights:
+    """One chip's share of the weights under a layout (`chip_weights`)."""
+
+    stored_bytes: float
+    """Bytes the chip stores (its shard of every weight; a weight whose dims the layout does
+    not split, e.g. K/V projections replicated when n_kv_heads does not divide, whole)."""
+    read_bytes: float
+    """Bytes a step streams from memory: each weight at the size the chip uses it (gathered
+    over the gathered axes in weight-gathered layouts, §5.3), except an untied input-embedding
+    table, of which a step looks up only its tokens' rows (not counted)."""
+    matmul_elements: float
+    """Elements of the decoder layers' weight matrices the chip multiplies each of its rows
+    by (at the size it uses them): the matmul FLOPs are 2 x rows x this."""
+
+
+def chip_weights(cfg: ModelConfig, lay: Layout, wl: Workload) -> ChipWeights:
+    """Per-chip weight bytes and matmul sizes from each array's logical axes under the
+    layout's storage rules (pope2022.md §5.1 `F_xyz`, §5.2 `E_x F_yz`)."""
+    return _chip_weights(cfg, lay, wl.weight_bytes, wl.act_bytes, wl.quantization)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chip_weights(cfg: ModelConfig, lay: Layout, weight_bytes: float, act_bytes: float,
+                  quantization) -> ChipWeights:
+    wl = Workload(1, 1, 0, weight_bytes, act_bytes, act_bytes, quantization=quantization)
+    rules, gathered = lay.weight_rules(), set(lay.live(lay.gathered))
+    stored = read = elements = 0.0
+    parts = ((cfg.n_layers, lambda t: t["layers"][0]),
+             (1, lambda t: {k: v for k, v in t.items() if k != "layers"}))
+    for count, select in parts:
+        for name, shape, names, nbytes in _tree_leaves(cfg, wl, select):
+            axes = tuple(a for n in names for a in rules.mesh_axes(n))
+            full = count * math.prod(shape)
+            in_use = full / lay.size(tuple(a for a in axes if a not in gathered))
+            embed = "embed']" in name and "unembed" not in name
+            nbytes = wl.act_bytes if embed else nbytes  # the embedding table stays float
+            stored += full / lay.size(axes) * nbytes
+            if not (embed and not cfg.tie_embeddings):
+                read += in_use * nbytes
+            if count > 1 and len(shape) >= 2 and not name.endswith(".scale"):
+                elements += in_use
+    return ChipWeights(stored, read, elements)
 
 
 def memory_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
     """Weights (stored once, 2D layout, §5.3) + KV cache + one layer's working set."""
     n = plan.mesh.n
-    weights = cfg.param_count() * wl.weight_bytes / n
+    weights = chip_weights(cfg, resolve(plan, cfg), wl).stored_bytes
     kv = kv_cache_bytes_per_chip(cfg, plan, wl.batch, wl.context, wl.kv_bytes)
     gathered = plan.layout in GATHERED_AXES
     tokens_per_chip = wl.batch * wl.tokens / (n if gathered else 1)
@@ -410,13 +450,15 @@ def memory_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
     return weights + kv + acts
 
 
-def _flops(cfg: ModelConfig, wl: Workload) -> float:
-    """Matmul FLOPs of the step: 2 per weight per token (§4.1) plus attention (QK^T and AV)."""
+def _flops_per_chip(cfg: ModelConfig, lay: Layout, wl: Workload, weights: ChipWeights) -> float:
+    """Matmul FLOPs of the step on one chip (§4.1): 2 per weight element it multiplies per row
+    (all B*L rows in weight-stationary layouts, B*L/G when the batch is split over the G
+    gathered chips), plus the chip's share of the logits and of attention (QK^T and AV)."""
     BL = wl.batch * wl.tokens
-    dense = 2 * cfg.n_layers * _layer_matrices(cfg) * BL
+    dense = 2 * weights.matmul_elements * BL / lay.size(lay.live(lay.gathered))
     logits = 2 * cfg.vocab_size * cfg.d_model * wl.batch  # last position only
     attention = 4 * cfg.n_layers * BL * wl.context * cfg.n_heads * cfg.head_dim
-    return dense + logits + attention
+    return dense + (logits + attention) / lay.mesh.n
 
 
 def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfile,
@@ -424,8 +466,10 @@ def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfil
     """Predict one step; MFU uses `nominal_params` (default: the config's count), §4.2."""
     n = plan.mesh.n
     peak = hw.peak_flops_bf16
-    compute = _flops(cfg, wl) / (n * peak)
-    weight_load = _weights_read_per_chip(cfg, plan, wl) / hw.hbm_bw
+    lay = resolve(plan, cfg)
+    weights = chip_weights(cfg, lay, wl)
+    compute = _flops_per_chip(cfg, lay, wl, weights) / peak
+    weight_load = weights.read_bytes / hw.hbm_bw
     kv_load = kv_cache_bytes_per_chip(cfg, plan, wl.batch, wl.context, wl.kv_bytes) / hw.hbm_bw
     collectives = step_collectives(cfg, plan, wl)
     comm = sum(c.count * collective_time(c, hw) for c in collectives)

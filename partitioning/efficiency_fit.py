@@ -201,8 +201,18 @@ def _lm(x, data, sources, iterations: int = 60) -> tuple[np.ndarray, float]:
     return x, cost
 
 
-STARTS = (0.5, 0.2, 0.8)
+STARTS = (0.5, 0.2, 0.8, 0.1, 0.35, 0.65, 0.9)
 """Starting points (every field at this fraction of its box) of the multi-start fit."""
+RANDOM_STARTS = 40
+"""Further starting points drawn uniformly in the box (seeded: the fit is deterministic). The
+residuals have several basins (e.g. comm_overlap at 1 with a small half-token count vs a
+partial overlap): a projected Levenberg-Marquardt run stays in the basin it starts in."""
+
+
+def _starts(n_fields: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return ([np.full(n_fields, s) for s in STARTS]
+            + [rng.uniform(0.02, 0.98, n_fields) for _ in range(RANDOM_STARTS)])
 
 
 def fit(hw: HardwareProfile, points: list[Point] | None = None,
@@ -213,6 +223,6 @@ def fit(hw: HardwareProfile, points: list[Point] | None = None,
     if not points:
         raise ValueError("fit needs at least one point with fitted=True")
     data = [(point_terms(p, hw), p.published_s) for p in points]
-    best = min((_lm(np.full(len(FIT_FIELDS), s), data, sources) for s in STARTS),
+    best = min((_lm(x0, data, sources) for x0 in _starts(len(FIT_FIELDS))),
                key=lambda xc: xc[1])
     return _params(best[0], sources), math.sqrt(best[1] / len(points))

@@ -157,11 +157,11 @@ _PAPER = "pope2022.md §2.1 (Pope et al. 2022 p8)"
 
 _FIT = ("scripts/fit_cost_model.py on pope2022.md Tables 2-3, Figure 8 (multiquery lines) and "
         "§9 (bf16 decode 36.9 ms, offline 73% MFU, serial block +14%): 19 points, RMS log "
-        "error 2.6%")
+        "error 2.8%")
 TPU_V4_EFFICIENCY = EfficiencyParams(
-    matmul_peak_fraction=0.7669, matmul_half_tokens=17.07, hbm_fraction=0.8626,
-    link_fraction=0.1856, collective_latency_s=1.842e-06, hop_latency_s=2.663e-06,
-    block_overhead_s=1.849e-05, step_overhead_s=1.372e-05, comm_overlap=0.5119,
+    matmul_peak_fraction=0.7672, matmul_half_tokens=20.77, hbm_fraction=0.8625,
+    link_fraction=0.1854, collective_latency_s=1.822e-06, hop_latency_s=2.668e-06,
+    block_overhead_s=1.596e-05, step_overhead_s=0.0, comm_overlap=0.532,
     sources=(("*", _FIT + "; the paper's layers priced (`efficiency_fit.PAPER_PARTS`)"),
              ("matmul_peak_fraction", _FIT + "; set by the WG-XYZ prefills (76%/73% MFU)"),
              ("step_overhead_s", _FIT + "; weakly determined (< 1% of every point)"),

@@ -1,7 +1,7 @@
 """Predicted vs measured step times on this machine: the cost model's ``cpu`` profile (issue 16).
 
     python scripts/validate_cost_model.py [--calibration FILE] [--save-calibration FILE]
-                                          [--rows all|single|mesh] [--repeats 3] [--json]
+                                          [--rows all|single|mesh] [--repeats 5] [--json]
 
 Calibrates this machine (`partitioning.calibrate.measure`, as `jaxinfer calibrate`; or loads
 ``--calibration FILE``), then measures with jaxinfer's own programs and prices with
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-calibration", default=None, help="write the calibration here")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (rows, calibration, machine) instead of the table")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed repeats per measurement (the best counts: the machine is shared)")
     ap.add_argument("--rows", choices=("all", "single", "mesh"), default="all",
                     help="the one-device rows, the 8-device rows, or both")
     args = ap.parse_args(argv)

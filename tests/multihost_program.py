@@ -3,7 +3,8 @@
     python tests/multihost_program.py CHECKPOINT PLAN NUM_PROCESSES PROCESS_ID PORT
 
 Joins NUM_PROCESSES processes (8 CPU devices in all), loads CHECKPOINT sharded under PLAN
-("ws": 2D weight-stationary; "batch": 2D WS prefill, batch-sharded multiquery decode), generates
+("ws": 2D weight-stationary; "batch": 2D WS prefill, weight-gathered XY decode with
+batch-sharded multiquery attention, whose outputs are split over both processes), generates
 from prompts broadcast by process 0 (one static batch, then the continuous-batching engine under
 the same plan with greedy and seeded-sampling requests), and prints one JSON line: both token
 lists, this process's parameter bytes and checkpoint bytes read, and its peak resident memory
@@ -48,7 +49,7 @@ def main(path: str, plan_name: str, n: int, pid: int, port: int) -> None:
     from partitioning.plan import PhasePlan, Plan
 
     mesh = MeshShape(2, 2, 2)
-    decode = ("2d-ws", "heads") if plan_name == "ws" else ("2d-ws", "batch")
+    decode = ("2d-ws", "heads") if plan_name == "ws" else ("wg-xy", "batch")
     plan = Plan(PhasePlan("prefill", "2d-ws", "heads", mesh), PhasePlan("decode", *decode, mesh))
     before = distributed.peak_host_bytes()
     hf_weights.SafetensorsReader.bytes_read = 0

@@ -13,7 +13,9 @@ The repetition penalty's seen-token sets live on device, one row per running req
 (`seen [max_seqs, V]`, assigned by the host, `StepInputs.seen_rows`): the host fills a row with
 the request's tokens when the request is (re)admitted (`fill_seen_row`), and each step marks the
 token it samples. Requests without a penalty point at row max_seqs (out of range: never written,
-and read as all False).
+and read as all False). A request's row lies in its slot group's block of max_seqs / G rows, so
+under a weight-gathered layout, where the table is split over the gathered axes like the slots,
+its row is on the chip that samples it.
 
 `engine_step` is per chip (it takes the `model.Runtime`); `jaxinfer.engine.loop.StepProgram`
 jits it (and the on-device multi-step `decode_loop`) for one device,
@@ -187,14 +189,17 @@ def engine_step(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
     attend = _paged_attend(inp, cfg, rt)
     logits, kv = model_lib.forward(params, inp.token_ids, inp.positions, attend, kv, cfg, rt,
                                    select=inp.sample_rows)  # [G, Sg, V]
-    logits = logits.reshape(-1, logits.shape[-1])  # [S, V]
-    row_seen = (jnp.take(seen, inp.seen_rows, axis=0, mode="fill", fill_value=False)
+    logits = logits.reshape(-1, logits.shape[-1])  # [S, V] (this chip's slots: see below)
+    # weight-gathered layouts: this chip holds its slots' block of the seen table (rows
+    # offset like its residual rows; the no-penalty row max_seqs stays out of range)
+    seen_rows = inp.seen_rows - model_lib.row_ids(seen.shape[0], rt)[0]  # [S]
+    row_seen = (jnp.take(seen, seen_rows, axis=0, mode="fill", fill_value=False)
                 if sp.use_penalty else jnp.zeros(logits.shape, bool))  # [S, V]
     tokens, logprobs = sample(logits, row_seen, request_keys(inp.seeds, inp.token_index), sp)
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
     tokens = jnp.where(inp.sample_mask & finite, tokens, 0)
     if sp.use_penalty:
-        seen = seen.at[inp.seen_rows, tokens].max(inp.sample_mask, mode="drop")
+        seen = seen.at[seen_rows, tokens].max(inp.sample_mask, mode="drop")
     top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), num_top)
     out = StepOutput(tokens=tokens, logprobs=logprobs, finite=finite,
                      top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)

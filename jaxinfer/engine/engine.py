@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer import validation
@@ -51,12 +52,13 @@ class Engine:
     included: `loop.StepProgram`). Attention sharded over heads splits the pool over KV heads;
     sharded over the batch (pope2022.md §6.2b) it splits the slots, the token budget and the
     pool into one group per attention batch shard (`groups.GroupedScheduler`), each chip
-    holding its group's pool segment and attending its group's tokens."""
+    holding its group's pool segment and attending its group's tokens. Weight-gathered layouts
+    (§5.3) split the residual's batch over the gathered axes too: each chip runs its groups'
+    tokens through every layer (weights all-gathered per step) and samples its own slots."""
 
     def __init__(self, model, config: EngineConfig | None = None):
-        """model: a `jaxinfer.Model` (with a plan: its decode layout must keep the residual's
-        batch whole, and under batch-sharded attention max_seqs must divide into its groups,
-        else an InvalidArgument); config: default EngineConfig()."""
+        """model: a `jaxinfer.Model` (with a plan: max_seqs must divide into the slot groups of
+        its decode layout, else an InvalidArgument); config: default EngineConfig()."""
         if config is None:
             config = EngineConfig()
         if not isinstance(config, EngineConfig):
@@ -69,14 +71,11 @@ class Engine:
                 f"max_context={self.cfg.max_context}")
         sharding = model.shardings[1] if model.plan is not None else PhaseSharding.single_device()
         rt = Runtime(sharding, model.attention_backend, model.quantization)
-        try:
-            self.groups = num_groups(rt)
-        except ValueError as err:
-            raise validation.InvalidArgument(str(err)) from None
+        self.groups = num_groups(rt)
         if config.max_seqs % self.groups:
             raise validation.InvalidArgument(
                 f"EngineConfig.max_seqs={config.max_seqs} must be divisible by the "
-                f"{self.groups} slot groups of this plan's batch-sharded attention "
+                f"{self.groups} slot groups of this plan's decode layout "
                 f"({sharding.description}: one group per attention batch shard)")
         self.num_pages = self._pool_pages()
         abstract_pool = jax.eval_shape(lambda: PagedKV.init(self.cfg, self.num_pages,
@@ -125,7 +124,7 @@ class Engine:
             jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.program.kv_specs,
                          is_leaf=lambda x: isinstance(x, PartitionSpec)))
         self.seen = jax.device_put(jnp.zeros((c.max_seqs, self.cfg.vocab_size), bool),
-                                   NamedSharding(mesh, PartitionSpec()))
+                                   NamedSharding(mesh, self.program.seen_spec))
         self._seen_rows: dict[Request, int] = {}
 
     def compiled_hlo(self, num_seqs: int | None = None, context: int = 32) -> str:
@@ -278,11 +277,11 @@ class Engine:
             n, out, self.kv, self.seen = self.program.loop(
                 self.model.params, self.kv, self.seen, inputs, sp, plan.step_limits, stops,
                 num_top=run.num_top, max_steps=self.config.steps_per_call)
-            n, out = jax.device_get((n, out))
+            n, out = _fetch((n, out))
         else:
             out, self.kv, self.seen = self.program.step(
                 self.model.params, self.kv, self.seen, inputs, sp, num_top=run.num_top)
-            n, out = 1, jax.tree.map(lambda a: a[None], jax.device_get(out))
+            n, out = 1, jax.tree.map(lambda a: a[None], _fetch(out))
         cols = np.asarray(plan.slots, np.int64)  # device slots -> the plan's sequence order
         out = jax.tree.map(lambda a: a[:int(n), cols], out)
         now = time.perf_counter()
@@ -356,15 +355,34 @@ class Engine:
         for slot, t in zip(plan.slots, slots):
             if not t.penalty:
                 continue
-            if t.request not in self._seen_rows:
-                self._seen_rows[t.request] = self._fill_row(t.request)
+            block = self._group_rows(slot)
+            if self._seen_rows.get(t.request) not in block:  # new, or moved to another group
+                self._seen_rows.pop(t.request, None)
+                self._seen_rows[t.request] = self._fill_row(t.request, block)
             rows[slot] = self._seen_rows[t.request]
         return rows
 
-    def _fill_row(self, req: Request) -> int:
-        row = min(set(range(self.config.max_seqs)) - set(self._seen_rows.values()))
+    def _group_rows(self, slot: int) -> range:
+        """The seen-table rows of a device slot's group (its block of max_seqs / G rows: the
+        table is split like the slots, `StepProgram.seen_spec`)."""
+        per_group = self.config.max_seqs // self.groups
+        first = slot // per_group * per_group
+        return range(first, first + per_group)
+
+    def _fill_row(self, req: Request, block: range) -> int:
+        row = min(set(block) - set(self._seen_rows.values()))
         ids = req.token_ids
         padded = np.zeros(token_bucket(len(ids), 16), np.int32)
         padded[:len(ids)] = ids
         self.seen = self.program.fill_seen(self.seen, np.int32(row), padded, np.int32(len(ids)))
         return row
+
+
+def _fetch(tree):
+    """Device outputs as numpy. Split over processes (a weight-gathered layout across hosts),
+    an array is gathered from every process (each process calls this at the same point)."""
+    def one(a):
+        if getattr(a, "is_fully_addressable", True) or a.is_fully_replicated:
+            return np.asarray(jax.device_get(a))
+        return multihost_utils.process_allgather(a, tiled=True)
+    return jax.tree.map(one, tree)

@@ -12,7 +12,9 @@ steps.
 
 Decode-only layout (`jaxinfer.engine.plan`): slot i of a group owns packed row i of the group's
 block (Tg >= its num_seqs rows, the rest padding), so the next step's inputs are computed on
-device from the sampled tokens [S].
+device from the sampled tokens [S]. Under a weight-gathered layout each chip loops over its own
+groups' slots; the step bound (a min) and the stop flag (a sum) are reduced over the gathered
+axes so every chip runs the same steps.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def decode_loop(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
 
     step_limits int32 [S]: tokens each slot may sample (ignored on non-sampling slots);
     stops int32 [S, W]: each slot's stop token ids, padded with -1."""
-    active = inp.sample_mask  # [S]
+    active = inp.sample_mask  # [S] (this chip's slots under a weight-gathered layout)
+    gathered = rt.lc.gathered
     bound = jnp.minimum(max_steps, jnp.min(jnp.where(active, step_limits, max_steps)))
+    if gathered:  # every chip runs the same steps: the bound and the stop are global
+        bound = jax.lax.pmin(bound, gathered)
     s = active.shape[0]
     buffers = StepOutput(
         tokens=jnp.zeros((max_steps, s), jnp.int32),
@@ -88,7 +93,10 @@ def decode_loop(params, kv: PagedKV, seen: jax.Array, inp: StepInputs, sp: Devic
         out = jax.tree.map(lambda buf, x: buf.at[j].set(x), out, step)
         hit = jnp.any(step.tokens[:, None] == stops, axis=-1) | ~step.finite  # [S]
         inp = next_decode_inputs(inp, step.tokens, kv.page_size, kv.num_pages)
-        return j + 1, jnp.any(active & hit), kv, seen, inp, out
+        stopped = jnp.sum(active & hit, dtype=jnp.int32)
+        if gathered:  # the loop condition's all-reduce (priced: cost_model.step_collectives)
+            stopped = jax.lax.psum(stopped, gathered)
+        return j + 1, stopped > 0, kv, seen, inp, out
 
     j, _, kv, seen, _, out = jax.lax.while_loop(
         cond, body, (jnp.int32(0), jnp.bool_(False), kv, seen, inp, buffers))
@@ -107,30 +115,30 @@ def pool_specs(kv: PagedKV, sh) -> PagedKV:
 
 
 def num_groups(rt: model_lib.Runtime) -> int:
-    """The step's slot groups: one per attention batch shard (1 with attention over heads);
-    a ValueError for a layout the engine does not run (`check_engine_sharding`)."""
-    check_engine_sharding(rt)
+    """The step's slot groups: one per attention batch shard (1 with attention over heads on
+    a weight-stationary layout). Weight-gathered layouts split the residual's batch over their
+    gathered axes (pope2022.md §5.3), which are attention batch axes too: chip c's residual
+    holds the groups of its gathered index."""
     return rt.sharding.size(rt.lc.attn_batch)
 
 
-def check_engine_sharding(rt: model_lib.Runtime) -> None:
-    """Every chip runs the step's whole residual (the weight-stationary layouts: pope2022.md
-    §5.1, §5.2), attention over heads or over the batch (one slot group per chip, §6.2b)."""
-    sh = rt.sharding
-    if any(sh.row_spec()):
-        raise ValueError(
-            f"the engine runs a plan's decode layout only with the residual's batch unsplit "
-            f"(weight-stationary layouts); this plan's decode phase ({sh.description}) splits "
-            f"rows as {sh.row_spec()}")
+def slot_spec(rt: model_lib.Runtime, leading: int = 0) -> P:
+    """PartitionSpec of per-group and per-slot arrays ([G, ...] / [S, ...], after `leading`
+    unsplit dims): split over the gathered axes of a weight-gathered layout (each chip runs its
+    own groups' rows end to end), replicated otherwise."""
+    gathered = rt.lc.gathered
+    return P(*(None,) * leading, gathered) if gathered else P()
 
 
 class StepProgram:
     """The jitted engine step, on-device decode loop and seen-row fill of one model (the pool
     and the seen table donated). On a mesh of several devices each program is the per-chip
     function under one `jax.shard_map`: parameters by their placement specs, the pool over KV
-    heads or its pages over the slot groups (`pool_specs`), everything else (inputs, sampling,
-    outputs, seen table) replicated, so every chip samples the same tokens from the same
-    gathered logits. `groups`: the slot groups the step's plans must have (`num_groups`)."""
+    heads or its pages over the slot groups (`pool_specs`), the step's inputs, sampling
+    parameters, outputs and seen table replicated (weight-stationary layouts: every chip samples
+    the same tokens from the same logits) or split over the gathered axes (weight-gathered
+    layouts: each chip samples its own groups' slots; `slot_spec`). `groups`: the slot groups
+    the step's plans must have (`num_groups`)."""
 
     def __init__(self, cfg: ModelConfig, rt: model_lib.Runtime, pool: PagedKV):
         self.cfg, self.rt = cfg, rt
@@ -139,13 +147,14 @@ class StepProgram:
         loop = functools.partial(decode_loop, cfg=cfg, rt=rt)
         sh = rt.sharding
         self.kv_specs = pool_specs(pool, sh)
+        self.seen_spec = slot_spec(rt)
         if sh.mesh.size > 1:
             params = placement.param_specs(cfg, rt.quantization, sh)
-            rep = P()
-            step = self._sharded(step, (params, self.kv_specs, rep, rep, rep),
-                                 (rep, self.kv_specs, rep), ("num_top",))
-            loop = self._sharded(loop, (params, self.kv_specs, rep, rep, rep, rep, rep),
-                                 (rep, rep, self.kv_specs, rep), ("num_top", "max_steps"))
+            rows, steps = slot_spec(rt), slot_spec(rt, leading=1)
+            step = self._sharded(step, (params, self.kv_specs, rows, rows, rows),
+                                 (rows, self.kv_specs, rows), ("num_top",))
+            loop = self._sharded(loop, (params, self.kv_specs, rows, rows, rows, rows, rows),
+                                 (P(), steps, self.kv_specs, rows), ("num_top", "max_steps"))
         self.step = jax.jit(step, static_argnames=("num_top",), donate_argnums=(1, 2))
         self.loop = jax.jit(loop, static_argnames=("num_top", "max_steps"),
                             donate_argnums=(1, 2))
