@@ -450,6 +450,13 @@ def memory_per_chip(cfg: ModelConfig, plan: PhasePlan, wl: Workload) -> float:
     return weights + kv + acts
 
 
+def attention_flops_per_chip(cfg: ModelConfig, wl: Workload, chips: int) -> float:
+    """One chip's share (of `chips`) of attention's QK^T and AV FLOPs: 4 per query, key
+    position and head dimension (every cached position, as the masked XLA attention computes)."""
+    BL = wl.batch * wl.tokens
+    return 4 * cfg.n_layers * BL * wl.context * cfg.n_heads * cfg.head_dim / chips
+
+
 def _flops_per_chip(cfg: ModelConfig, lay: Layout, wl: Workload, weights: ChipWeights) -> float:
     """Matmul FLOPs of the step on one chip (§4.1): 2 per weight element it multiplies per row
     (all B*L rows in weight-stationary layouts, B*L/G when the batch is split over the G
@@ -457,8 +464,7 @@ def _flops_per_chip(cfg: ModelConfig, lay: Layout, wl: Workload, weights: ChipWe
     BL = wl.batch * wl.tokens
     dense = 2 * weights.matmul_elements * BL / lay.size(lay.live(lay.gathered))
     logits = 2 * cfg.vocab_size * cfg.d_model * wl.batch  # last position only
-    attention = 4 * cfg.n_layers * BL * wl.context * cfg.n_heads * cfg.head_dim
-    return dense + (logits + attention) / lay.mesh.n
+    return dense + logits / lay.mesh.n + attention_flops_per_chip(cfg, wl, lay.mesh.n)
 
 
 def estimate(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProfile,

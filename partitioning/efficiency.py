@@ -8,15 +8,19 @@ collective of the step) and changes only how fast each runs and what overlaps, w
 parameters of `partitioning.hardware.EfficiencyParams` (fitted per profile by
 ``scripts/fit_cost_model.py`` on the paper's measurements):
 
-- matmuls at ``peak x matmul_peak_fraction x M / (M + matmul_half_tokens)``, M the tokens per chip
+- matmuls at ``peak x matmul_peak_fraction x M / (M + matmul_half_tokens)`` (or, where it was
+  measured, the interpolated ``matmul_curve``), M the tokens per chip
   of the step's matmuls (B*L in weight-stationary layouts, B*L/G when the batch is split over the
   G chips weights are gathered over, §5.3); at M = 1 ``peak x matvec_fraction`` where the
   backend has a separate matrix-vector kernel (XLA:CPU);
-- weight and KV-cache reads at ``hbm_bw x hbm_fraction``;
+- weight reads at ``hbm_bw x hbm_fraction``, KV-cache reads at ``hbm_bw x kv_fraction`` where
+  measured (XLA:CPU's decode attention), else at ``hbm_bw x hbm_fraction``;
 - each collective as ``collective_latency_s + hops x hop_latency_s + bytes / (link_fraction x
   link bandwidth)``, hops the ring steps over its mesh axes; on a torus the link bandwidth is the
   chip's interconnect, halved when an axis of the collective has no wrap-around (§2.2,
   `link_bandwidth`); the cross-host/slice leg of a collective runs over DCN at ``dcn_bw`` (§2.2);
+- attention's QK^T, softmax and AV at ``peak x attention_fraction`` where the backend runs them
+  unfused (XLA:CPU), else on the matmul curve;
 - per residual sub-block and per step fixed costs.
 
 Overlap model (which terms run concurrently, which add):
@@ -37,9 +41,11 @@ Overlap model (which terms run concurrently, which add):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from jaxinfer.config import ModelConfig
-from partitioning.cost_model import Collective, StepEstimate, Workload, estimate
+from partitioning.cost_model import (Collective, StepEstimate, Workload,
+                                     attention_flops_per_chip, estimate)
 from partitioning.hardware import EfficiencyParams, HardwareProfile
 from partitioning.plan import GATHERED_AXES, PhasePlan
 
@@ -85,6 +91,8 @@ class StepTerms:
     """Chips of the mesh."""
     peak_flops: float
     """Peak FLOP/s per chip (the MFU denominator)."""
+    attention_s: float = 0.0
+    """The part of the roofline's compute that is attention's QK^T and AV, seconds at peak."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +150,20 @@ def matmul_efficiency(tokens_per_chip: float, params: EfficiencyParams) -> float
     M = tokens_per_chip
     if M <= 1 and params.matvec_fraction > 0:  # a matrix-vector kernel (XLA:CPU)
         return params.matvec_fraction
+    if params.matmul_curve:
+        return _interpolate_log(params.matmul_curve, M)
     return params.matmul_peak_fraction * M / (M + params.matmul_half_tokens)
+
+
+def _interpolate_log(points, m: float) -> float:
+    """Linear in log M and log value between the measured points, the end values beyond."""
+    if m <= points[0][0]:
+        return points[0][1]
+    for (m0, f0), (m1, f1) in zip(points, points[1:]):
+        if m <= m1:
+            t = math.log(m / m0) / math.log(m1 / m0)
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
+    return points[-1][1]
 
 
 def matmul_tokens_per_chip(plan: PhasePlan, wl: Workload) -> float:
@@ -214,16 +235,19 @@ def step_terms(cfg: ModelConfig, plan: PhasePlan, wl: Workload, hw: HardwareProf
                   if parts is None or c.part in parts)
     return StepTerms(est, matmul_tokens_per_chip(plan, wl), 1 if cfg.parallel_block else 2,
                      cfg.n_layers, terms, 2.0 * (nominal_params or cfg.param_count()),
-                     wl.batch * wl.tokens, plan.mesh.n, hw.peak_flops_bf16)
+                     wl.batch * wl.tokens, plan.mesh.n, hw.peak_flops_bf16,
+                     attention_s=attention_flops_per_chip(cfg, wl, plan.mesh.n)
+                     / hw.peak_flops_bf16)
 
 
 def evaluate(terms: StepTerms, params: EfficiencyParams) -> ExpectedStep:
     """Apply the efficiencies and the overlap model (module docstring) to a step's terms."""
     est = terms.roofline
     eff = matmul_efficiency(terms.matmul_tokens, params)
-    matmul = est.compute_s / eff
+    attention_eff = params.attention_fraction or eff
+    matmul = (est.compute_s - terms.attention_s) / eff + terms.attention_s / attention_eff
     weights = est.weight_load_s / params.hbm_fraction
-    kv = est.kv_load_s / params.hbm_fraction
+    kv = est.kv_load_s / (params.kv_fraction or params.hbm_fraction)
     payload = dict.fromkeys(ROLES, 0.0)
     latency = 0.0
     for term in terms.collectives:

@@ -62,11 +62,33 @@ class EfficiencyParams:
     it as a separate matrix-vector kernel (XLA:CPU: a GEMV streaming the weights at memory
     speed, while M >= 2 runs a packing GEMM), in [0, 1]; 0: no such kernel, the saturating
     curve holds at M = 1 too (TPU, GPU). Not fitted by ``scripts/fit_cost_model.py``."""
+    attention_fraction: float = 0.0
+    """Fraction of peak FLOP/s attention's QK^T, masked softmax and AV reach together, in [0, 1]
+    (the FLOPs of `cost_model.attention_flops_per_chip`); 0: attention runs on the matmul curve
+    like the projections (fused attention kernels; the fitted TPU profiles). XLA:CPU runs it as
+    batched matmuls over a head_dim contraction with an unfused softmax between them. Not
+    fitted by ``scripts/fit_cost_model.py``."""
+    matmul_curve: tuple[tuple[float, float], ...] = ()
+    """Measured (M, fraction of peak) points of matmuls with M rows per chip, M ascending; where
+    given, the matmul efficiency interpolates them (linearly in log M and log fraction, the end
+    points held beyond them) instead of the saturating curve: XLA:CPU's GEMM switches kernels
+    with M, which no two-parameter curve follows. Not fitted by ``scripts/fit_cost_model.py``."""
+    kv_fraction: float = 0.0
+    """Fraction of the HBM bandwidth decode attention's KV-cache reads reach (the cache write
+    and the per-sequence matrix-vector products over it included), in [0, 1]; 0: the weight
+    reads' `hbm_fraction` (the fitted TPU profiles). Not fitted by
+    ``scripts/fit_cost_model.py``."""
 
     def __post_init__(self):
-        if not (math.isfinite(self.matvec_fraction) and 0 <= self.matvec_fraction <= 1):
-            raise ValueError(f"EfficiencyParams.matvec_fraction must be in [0, 1], "
-                             f"got {self.matvec_fraction!r}")
+        for name in ("matvec_fraction", "attention_fraction", "kv_fraction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise ValueError(f"EfficiencyParams.{name} must be in [0, 1], got {value!r}")
+        ms = [m for m, _ in self.matmul_curve]
+        if ms != sorted(set(ms)) or any(not (m > 0 and 0 < f <= 1)
+                                        for m, f in self.matmul_curve):
+            raise ValueError("EfficiencyParams.matmul_curve must be (M > 0, fraction in (0, 1]) "
+                             f"points with M ascending, got {self.matmul_curve!r}")
         for name in ("matmul_peak_fraction", "hbm_fraction", "link_fraction"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 1):
@@ -265,7 +287,11 @@ def cpu_efficiency(measurement: dict, devices: int = 1) -> EfficiencyParams:
     return EfficiencyParams(
         matmul_peak_fraction=measurement["matmul_peak_fraction"],
         matmul_half_tokens=measurement["matmul_half_tokens"],
-        matvec_fraction=measurement["matvec_fraction"], hbm_fraction=1.0, link_fraction=1.0,
+        matvec_fraction=measurement["matvec_fraction"],
+        attention_fraction=measurement["attention_fraction"],
+        kv_fraction=measurement["kv_fraction"], hbm_fraction=1.0, link_fraction=1.0,
+        matmul_curve=tuple((m, min(rate / measurement["matmul_flops"], 1.0))
+                           for m, rate in measurement.get("matmul_curve", ())),
         collective_latency_s=coll["latency_s"], hop_latency_s=coll["hop_latency_s"],
         block_overhead_s=turns * measurement["layer_overhead_s"] / 2,
         step_overhead_s=turns * measurement["step_overhead_s"], comm_overlap=0.0,
@@ -273,6 +299,10 @@ def cpu_efficiency(measurement: dict, devices: int = 1) -> EfficiencyParams:
                  ("matmul_peak_fraction", src + ": streamed-weight matmul chain, M >= 2"),
                  ("matmul_half_tokens", src + ": streamed-weight matmul chain, M >= 2"),
                  ("matvec_fraction", src + ": the chain at M = 1 (XLA:CPU GEMV)"),
+                 ("attention_fraction", src + ": the XLA attention path at the bench model's "
+                  "heads"),
+                 ("kv_fraction", src + ": the XLA decode attention over a KV cache"),
+                 ("matmul_curve", src + ": streamed-weight matmul chain, M = 1 ... 512"),
                  ("block_overhead_s", src + ": tiny-model decode step, slope over layers / 2 "
                   "sub-blocks (serial), x max(1, devices / cores)"),
                  ("step_overhead_s", src + ": its intercept, x max(1, devices / cores)"),

@@ -20,6 +20,7 @@ def _synthetic(**kw) -> dict:
     """A calibration as `calibrate.measure` writes it, with made-up figures."""
     base = {"version": calibrate.VERSION, "machine": "test", "cores": 2, "matmul_flops": 1e11,
             "matmul_peak_fraction": 0.9, "matmul_half_tokens": 20.0, "matvec_fraction": 0.05,
+            "attention_fraction": 0.3, "kv_fraction": 0.4,
             "memory_bw": 2e10, "memory_bytes": 16e9, "layer_overhead_s": 3e-5,
             "step_overhead_s": 1e-4, "interprocess_bw": 4e9,
             "collectives": {"devices": 8, "latency_s": 5e-5, "hop_latency_s": 1e-5,
@@ -66,8 +67,20 @@ def test_cpu_profile_builds_its_efficiency_from_the_calibration():
     assert matmul_efficiency(1, e1) == m["matvec_fraction"]
     assert matmul_efficiency(512, e1) == pytest.approx(0.9 * 512 / 532)
     assert "jaxinfer calibrate" in e1.source("matvec_fraction")
+    assert e1.attention_fraction == e8.attention_fraction == m["attention_fraction"]
+    assert e1.kv_fraction == m["kv_fraction"] and e1.hbm_fraction == 1.0
     with pytest.raises(ValueError, match="matvec_fraction must be in"):
         cpu_efficiency(_synthetic(matvec_fraction=1.5))
+    # a measured curve is interpolated (log-log), its end points held beyond it
+    curve = [[1, 5e9], [8, 2e10], [32, 2e10], [512, 8e10]]
+    ec = cpu_efficiency(_synthetic(matmul_curve=curve))
+    assert matmul_efficiency(8, ec) == pytest.approx(0.2)
+    assert matmul_efficiency(16, ec) == pytest.approx(0.2)
+    assert matmul_efficiency(128, ec) == pytest.approx(0.2 * 4 ** 0.5)  # halfway in log M
+    assert matmul_efficiency(4096, ec) == pytest.approx(0.8)
+    assert matmul_efficiency(1, ec) == m["matvec_fraction"]  # the GEMV rule first
+    with pytest.raises(ValueError, match="matmul_curve must be"):
+        cpu_efficiency(_synthetic(matmul_curve=[[8, 2e10], [2, 1e10]]))
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         cpu_efficiency(_synthetic(layer_overhead_s=-1e-6))
 
@@ -105,7 +118,8 @@ def test_quick_calibration_is_plausible(quick_calibration):
     c = quick_calibration
     assert c["version"] == calibrate.VERSION and c["cpu"]
     assert 0 < c["matmul_peak_fraction"] <= 1 and c["matmul_half_tokens"] >= 0
-    assert 0 < c["matvec_fraction"] <= 1
+    assert 0 < c["matvec_fraction"] <= 1 and 0 < c["attention_fraction"] <= 1
+    assert 0 < c["kv_fraction"] <= 1
     assert c["matmul_flops"] > 1e8 and c["memory_bw"] > 1e8
     assert c["layer_overhead_s"] > 0 and c["step_overhead_s"] >= 0
     coll = c["collectives"]
@@ -124,6 +138,6 @@ def test_predicted_step_times_are_near_the_measured_ones(quick_calibration):
              measured.Case("prefill 64", "prefill", 1, 64),  # the same prefill program
              measured.Case("decode b=8 1d-ws 1x1x8", "decode", 8, 64, "1d-ws", "heads",
                            (1, 1, 8))]
-    rows = measured.run_cases(cases, quick_calibration, cfg=TINY, repeats=2)
+    rows = measured.run_cases(cases, quick_calibration, cfg=TINY, steps=(17, 32), repeats=2)
     for r in rows:
         assert math.isfinite(r.ratio) and 1 / 4 <= r.ratio <= 4, r

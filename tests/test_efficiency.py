@@ -42,6 +42,8 @@ def test_matmul_efficiency_rises_with_tokens_and_stays_below_peak():
     ("hbm_fraction", 0.0, r"hbm_fraction must be in \(0, 1\]"),
     ("hop_latency_s", -1e-6, "hop_latency_s must be finite and >= 0, got -1e-06"),
     ("comm_overlap", 1.2, r"comm_overlap must be in \[0, 1\]"),
+    ("attention_fraction", -0.1, r"attention_fraction must be in \[0, 1\]"),
+    ("kv_fraction", 1.5, r"kv_fraction must be in \[0, 1\]"),
 ])
 def test_efficiency_params_reject_implausible_values(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -95,6 +97,35 @@ def test_overlap_model_adds_and_overlaps_the_documented_terms():
     assert 0 < prefill.weight_gather_s < prefill.matmul_s  # gathered a layer ahead (§5.3)
     assert prefill.concurrent_s == prefill.matmul_s and prefill.comm_exposed_s == 0
     assert prefill.step_s > prefill.roofline_s
+
+
+def test_attention_fraction_prices_only_attention_flops():
+    """An unfused attention (XLA:CPU) runs at its own fraction of peak; the projections stay on
+    the matmul curve. 0 (the fitted TPU profiles): attention on the matmul curve too."""
+    cfg = PRESETS["palm-62b"]
+    plan = PhasePlan("prefill", "1d-ws", "heads", MeshShape(1, 1, 16))
+    wl = Workload(1, 2048, 2048, 2.0)
+    fused = expected_time(cfg, plan, wl, V4, params=_params(attention_fraction=0.0))
+    slow = expected_time(cfg, plan, wl, V4, params=_params(attention_fraction=0.1))
+    attention_s = (4 * cfg.n_layers * 2048 * 2048 * cfg.n_heads * cfg.head_dim / 16
+                   / V4.peak_flops_bf16)
+    eff = matmul_efficiency(2048, FITTED)
+    assert fused.matmul_s == pytest.approx(fused.roofline.compute_s / eff)
+    assert slow.matmul_s - fused.matmul_s == pytest.approx(attention_s / 0.1 - attention_s / eff)
+    short = expected_time(cfg, plan, Workload(1, 128, 128, 2.0), V4,
+                          params=_params(attention_fraction=0.1))
+    short_fused = expected_time(cfg, plan, Workload(1, 128, 128, 2.0), V4)
+    # attention grows with T x S: what it adds shrinks faster than the step for short prompts
+    assert (short.step_s / short_fused.step_s) < (slow.step_s / fused.step_s)
+
+
+def test_kv_fraction_prices_only_the_kv_cache_reads():
+    base = expected_time(*_decode("heads"))
+    slow = expected_time(*_decode("heads"), params=_params(kv_fraction=0.25))
+    assert base.kv_load_s == pytest.approx(base.roofline.kv_load_s / FITTED.hbm_fraction)
+    assert slow.kv_load_s == pytest.approx(base.roofline.kv_load_s / 0.25)
+    assert slow.weight_load_s == base.weight_load_s and slow.matmul_s == base.matmul_s
+    assert slow.step_s - base.step_s == pytest.approx(slow.kv_load_s - base.kv_load_s)
 
 
 def test_weight_precision_and_hbm_fraction():
