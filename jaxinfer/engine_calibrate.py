@@ -4,13 +4,16 @@
 measured by `jaxinfer calibrate`) plus two terms measured here and cached beside that
 calibration (``engine_calibration.json`` in the same directory):
 
-- ``attention``: the XLA twin of ragged paged attention (`pallas_kernels.ragged_paged_attention`
-  with backend 'xla', what the engine runs on CPU) timed alone for one layer at the model's head
-  shape and page size, at three step shapes (32 one-token decodes over tables of 8 and 32 pages,
-  a 256-token prefill chunk beside 31 decodes over 16 pages). Its cost is the gathered K/V bytes
-  (every work item copies the table's pages) and the FLOPs over the gathered keys; the two rates
-  (seconds per byte, per FLOP) are the non-negative least-squares fit of the three times. Keyed
-  by head shape, page size and dtype, measured the first time a model needs it (seconds).
+- ``attention``: one layer's time of the XLA twin of ragged paged attention
+  (`pallas_kernels.ragged_paged_attention` with backend 'xla', what the engine runs on CPU) at
+  the model's head shape, page size and dtype, per static step shape (rows T, slots S, table
+  width J pages). The twin's work depends on that shape alone (each work item gathers the
+  table's full width and attends every key, masked), so an `AttentionTable` entry is exact up to
+  timing noise: it is the median of 5 timed calls, measured the first time the planner prices a
+  shape (about a second each) and cached. A two-rate fit (gathered bytes, FLOPs) over three
+  shapes stood in before; over 36 shapes (2-core Intel Xeon) it left a 29% RMS error (0.39x-1.68x: the gathers
+  slow down faster than their bytes grow once they leave the caches) and priced the
+  long-prompt workload's 256-row chunks over 64-page tables at half their time.
 - ``call_overhead_s``: what a device call costs beyond its steps: host scheduling and
   bookkeeping, input transfer, dispatch. A tiny model (`calibrate.tiny_config`, whose steps are
   almost only fixed costs) runs a small workload through the real engine; the overhead is
@@ -23,17 +26,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine_sim import AttentionCost, gather_items
+from jaxinfer.engine_sim import AttentionCost
 from partitioning import calibrate
 
 CACHE_FILE = "engine_calibration.json"
-VERSION = 1
-ATTENTION_SHAPES = ((32, 32, 8, False), (32, 32, 32, False), (256, 32, 16, True))
-"""(rows T, slots S, table width J pages, prefill chunk?) of the attention measurements."""
+VERSION = 2
+"""2: attention as a table of measured step shapes (1 held two fitted rates)."""
 
 
 def cache_path() -> str:
@@ -45,12 +48,13 @@ def attention_key(cfg: ModelConfig, page_size: int, dtype: str) -> str:
     return f"{cfg.n_heads}x{cfg.head_dim}/kv{cfg.n_kv_heads}/page{page_size}/{dtype}"
 
 
-def _step_arrays(rows: int, slots: int, width: int, page_size: int, prefill: bool):
-    """query_start, kv_lens and page_table of a step: one token per slot, or (prefill) a chunk
-    of rows - slots + 1 tokens in slot 0 and one token in each other slot; every table full."""
-    lens = np.ones(slots, np.int32)
-    if prefill:
-        lens[0] = rows - slots + 1
+def _step_arrays(rows: int, slots: int, width: int, page_size: int):
+    """query_start, kv_lens and page_table of a step of static shape (rows, slots, width): one
+    token in each of the first min(rows, slots) slots, the remaining rows a chunk in slot 0,
+    every table full (the values do not change the twin's work)."""
+    lens = np.zeros(slots, np.int32)
+    lens[:min(rows, slots)] = 1
+    lens[0] += rows - lens.sum()
     query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     kv_lens = np.full(slots, width * page_size, np.int32)
     table = np.arange(slots * width, dtype=np.int32).reshape(slots, width)
@@ -58,52 +62,61 @@ def _step_arrays(rows: int, slots: int, width: int, page_size: int, prefill: boo
 
 
 def measure_attention_point(cfg: ModelConfig, page_size: int, dtype: str, rows: int,
-                            slots: int, width: int, prefill: bool) -> dict:
-    """One layer's twin attention at one step shape: best seconds, gathered bytes, FLOPs."""
+                            slots: int, width: int) -> float:
+    """Median seconds of one layer's twin attention at static shape (rows, slots, width)."""
     import jax
     import jax.numpy as jnp
 
     import pallas_kernels
 
     dt = jnp.dtype(dtype)
-    query_start, kv_lens, table = _step_arrays(rows, slots, width, page_size, prefill)
+    query_start, kv_lens, table = _step_arrays(rows, slots, width, page_size)
     pages = (slots * width, cfg.n_kv_heads, page_size, cfg.head_dim)
     k = jnp.full(pages, 0.01, dt)
     v = jnp.full(pages, 0.02, dt)
     q = jnp.full((rows, cfg.n_heads, cfg.head_dim), 0.03, dt)
     fn = jax.jit(lambda q, k, v, t, kl, qs: pallas_kernels.ragged_paged_attention(
         q, k, v, t, kl, qs, jnp.int32(slots), backend="xla"))
-    best, _ = calibrate.timed(fn, q, k, v, table, kv_lens, query_start, repeats=5)
-    items, block_q = gather_items(rows, slots, cfg.n_heads, cfg.n_kv_heads)
-    keys = width * page_size
-    return {"rows": rows, "slots": slots, "width": width, "seconds": best,
-            "bytes": 2.0 * items * keys * cfg.n_kv_heads * cfg.head_dim * dt.itemsize,
-            "flops": 4.0 * items * block_q * keys * cfg.n_heads * cfg.head_dim}
+    _, median = calibrate.timed(fn, q, k, v, table, kv_lens, query_start, repeats=5)
+    return median
 
 
-def fit_rates(points: list[dict]) -> tuple[float, float]:
-    """(seconds per byte, seconds per FLOP) >= 0 minimising the squared relative error of
-    bytes * a + flops * b against the measured seconds (the better of the two-rate fit and
-    each one-rate fit that stays non-negative)."""
-    a = np.array([[p["bytes"], p["flops"]] for p in points]) / np.array(
-        [[p["seconds"]] for p in points])
-    ones = np.ones(len(points))
-    fits = []
-    sol = np.linalg.lstsq(a, ones, rcond=None)[0]
-    if (sol >= 0).all():
-        fits.append(sol)
-    for col in (0, 1):
-        rate = max(float(a[:, col] @ ones / (a[:, col] @ a[:, col])), 0.0)
-        fits.append(np.array([rate, 0.0] if col == 0 else [0.0, rate]))
-    best = min(fits, key=lambda s: float(((a @ s - ones) ** 2).sum()))
-    return float(best[0]), float(best[1])
+class AttentionTable:
+    """One layer's twin attention seconds per static step shape, keyed ``"T/S/J"``, for one
+    model head shape, page size and dtype: a shape not yet in `seconds` is measured (by
+    `measure`, default `measure_attention_point`) when first asked for, and `save` (if given)
+    is called with the whole table after each new entry. Callable as an
+    `AttentionCost.layer_seconds`."""
 
+    def __init__(self, cfg: ModelConfig, page_size: int, dtype: str,
+                 seconds: dict[str, float] | None = None,
+                 save: Callable[[dict[str, float]], None] | None = None,
+                 measure: Callable[..., float] = measure_attention_point):
+        self.cfg, self.page_size, self.dtype = cfg, page_size, dtype
+        self.seconds = dict(seconds or {})
+        self.measured = 0
+        """Shapes this object measured (not found in `seconds`)."""
+        self._save, self._measure = save, measure
 
-def measure_attention(cfg: ModelConfig, page_size: int, dtype: str) -> dict:
-    points = [measure_attention_point(cfg, page_size, dtype, *shape)
-              for shape in ATTENTION_SHAPES]
-    s_per_byte, s_per_flop = fit_rates(points)
-    return {"s_per_byte": s_per_byte, "s_per_flop": s_per_flop, "points": points}
+    def __call__(self, rows: int, slots: int, width: int, page_size: int) -> float:
+        if page_size != self.page_size:
+            raise ValueError(f"this attention table was measured with page_size "
+                             f"{self.page_size}, asked for {page_size}")
+        for name, value in (("rows", rows), ("slots", slots), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"attention table: {name} must be an integer >= 1, "
+                                 f"got {value!r}")
+        key = f"{rows}/{slots}/{width}"
+        if key not in self.seconds:
+            seconds = float(self._measure(self.cfg, self.page_size, self.dtype, int(rows),
+                                          int(slots), int(width)))
+            if not (np.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"attention table: measuring {key} gave {seconds!r} seconds")
+            self.seconds[key] = seconds
+            self.measured += 1
+            if self._save is not None:
+                self._save(dict(self.seconds))
+        return self.seconds[key]
 
 
 def _overhead_workload(n: int, vocab: int, seed: int = 0):
@@ -148,8 +161,9 @@ def _save(data: dict) -> None:
 
 
 def load_or_measure(cfg: ModelConfig, page_size: int, dtype: str, attention: bool) -> dict:
-    """{"call_overhead_s", "attention": {...} or None, "source"}: cached figures, measuring
-    (and caching) what is missing. `attention`: whether the twin's rates are needed (CPU)."""
+    """{"call_overhead_s", "attention": an `AttentionTable` or None, "source"}: the cached
+    figures, measuring (and caching) the call overhead if missing. `attention`: whether the twin
+    is priced (CPU); its table measures new shapes when asked and caches each."""
     data = _load()
     if "call_overhead_s" not in data:
         measurement = calibrate.load_or_calibrate()
@@ -157,21 +171,25 @@ def load_or_measure(cfg: ModelConfig, page_size: int, dtype: str, attention: boo
                 "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "attention": {},
                 **measure_call_overhead(measurement)}
         _save(data)
-    key = attention_key(cfg, page_size, dtype)
-    if attention and key not in data["attention"]:
-        data["attention"][key] = measure_attention(cfg, page_size, dtype)
-        _save(data)
-    return {"call_overhead_s": data["call_overhead_s"],
-            "attention": data["attention"][key] if attention else None,
+    table = None
+    if attention:
+        key = attention_key(cfg, page_size, dtype)
+
+        def save(seconds: dict[str, float]) -> None:
+            data["attention"][key] = seconds
+            _save(data)
+
+        table = AttentionTable(cfg, page_size, dtype, data["attention"].get(key), save)
+    return {"call_overhead_s": data["call_overhead_s"], "attention": table,
             "source": f"measured on {data.get('machine', '?')} at {data.get('timestamp', '?')} "
                       f"({cache_path()})"}
 
 
 def attention_cost(figures: dict) -> AttentionCost:
-    """The `AttentionCost` of `load_or_measure`'s figures: 'gather' with the measured rates, or
-    'pages' (kernels: the KV bytes read at HBM speed) when none were measured."""
-    att = figures["attention"]
-    if att is None:
+    """The `AttentionCost` of `load_or_measure`'s figures: 'measured' with the twin's table, or
+    'pages' (kernels: the KV bytes read at HBM speed) when there is none."""
+    table = figures["attention"]
+    if table is None:
         return AttentionCost("pages", source="Pallas kernel: each sequence's pages read once")
-    return AttentionCost("gather", att["s_per_byte"], att["s_per_flop"],
-                         source="XLA twin, " + figures["source"])
+    return AttentionCost("measured", table, source="XLA twin per step shape, "
+                                                   + figures["source"])

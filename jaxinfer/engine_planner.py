@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 from jaxinfer import validation
 from jaxinfer.config import ModelConfig
@@ -299,6 +300,10 @@ def run(args, cfg: ModelConfig, tokenizer, hw: HardwareProfile, chips: int, mesh
     figures = engine_calibrate.load_or_measure(cfg, args.page_size,
                                                "float32" if act == 4.0 else "bfloat16",
                                                attention=hw.name == "cpu")
+    if figures["attention"] is not None and not figures["attention"].seconds:
+        print(f"timing the XLA attention twin at each step shape the search prices (about a "
+              f"second each, the first time; cached in {engine_calibrate.cache_path()})",
+              file=sys.stderr, flush=True)
     result = plan_engine(
         cfg, requests, hw, engine_plans(cfg, chips, hw, meshes),
         engine_calibrate.attention_cost(figures), figures["call_overhead_s"],

@@ -19,11 +19,14 @@ its paged attention (`AttentionCost`):
 
 - ``pages`` (the Pallas kernels, TPU / GPU): every sequence's pages read once, the KV bytes of
   `cost_model.kv_cache_bytes_per_chip` at the achievable HBM bandwidth;
-- ``gather`` (the XLA twin, `pallas_kernels.ragged_paged_attention_ref`, what runs on CPU): every
-  work item (`work_items`: its static count W depends on T, S and the block size) gathers the
-  page table's full width (J pages, `plan.page_bucket`) and attends over all J x page_size keys,
-  masked; priced from the gathered K/V bytes and the attention FLOPs at rates measured on this
-  machine (`jaxinfer.engine_calibrate`), since those copies run far below the streaming bandwidth.
+- ``measured`` (the XLA twin, `pallas_kernels.ragged_paged_attention_ref`, what runs on CPU):
+  every work item (`work_items`: its static count W depends on T, S and the block size) gathers
+  the page table's full width (J pages, `plan.page_bucket`) and attends over all J x page_size
+  keys, masked, so its time depends on the static shape (T, S, J) alone, not on the sequences'
+  lengths. A step is priced at n_layers x one layer's time at that shape, measured on this
+  machine (`jaxinfer.engine_calibrate.AttentionTable`): the gathers run far below the streaming
+  bandwidth and their cost grows faster than their bytes once they leave the caches, which no
+  rate fit over a few shapes caught (the long-prompt workload was 1.8x optimistic with one).
 
 A device call adds `call_overhead_s` (host scheduling and bookkeeping, input transfer, dispatch:
 measured once per machine by `jaxinfer.engine_calibrate`).
@@ -32,8 +35,7 @@ measured once per machine by `jaxinfer.engine_calibrate`).
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +48,7 @@ from partitioning.efficiency import ExpectedStep, evaluate, step_terms
 from partitioning.hardware import HardwareProfile
 from partitioning.plan import PhasePlan
 
-ATTENTION_KINDS = ("pages", "gather")
+ATTENTION_KINDS = ("pages", "measured")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,22 +56,20 @@ class AttentionCost:
     """How an engine step's ragged paged attention is priced (module docstring)."""
 
     kind: str
-    """'pages' (kernels read each sequence's pages) or 'gather' (the XLA twin's page gathers)."""
-    s_per_byte: float = 0.0
-    """gather: seconds per gathered K/V byte on one device (measured)."""
-    s_per_flop: float = 0.0
-    """gather: seconds per attention FLOP over the gathered keys on one device (measured)."""
+    """'pages' (kernels read each sequence's pages) or 'measured' (the XLA twin, per shape)."""
+    layer_seconds: Callable[[int, int, int, int], float] | None = None
+    """measured: seconds of one layer's twin attention on one device at (rows T, slots S, table
+    width J pages, page_size), e.g. an `engine_calibrate.AttentionTable`."""
     source: str = ""
-    """Where the rates come from."""
+    """Where the figures come from."""
 
     def __post_init__(self):
         if self.kind not in ATTENTION_KINDS:
             raise ValueError(f"AttentionCost.kind must be one of {ATTENTION_KINDS}, "
                              f"got {self.kind!r}")
-        for name in ("s_per_byte", "s_per_flop"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"AttentionCost.{name} must be finite and >= 0, got {value!r}")
+        if (self.kind == "measured") != callable(self.layer_seconds):
+            raise ValueError("AttentionCost.layer_seconds is required for kind 'measured' and "
+                             f"only for it, got kind {self.kind!r} with {self.layer_seconds!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,24 +92,7 @@ class StepCost:
     """The model over the step's rows (`partitioning.efficiency`), logits of S rows included;
     with 'pages' attention its kv_load_s holds the attention's reads."""
     attention_s: float
-    """'gather' attention (0 for 'pages': inside `dense`)."""
-
-
-@functools.lru_cache(maxsize=None)
-def gather_items(rows: int, slots: int, n_heads: int, kv_heads: int) -> tuple[int, int]:
-    """(work items W, query rows per item) of the XLA twin for a step of `rows` packed rows
-    over `slots` page-table rows: the shapes `ragged_paged_attention_ref` builds."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.ragged_paged_attention_ref import ref_block_q, work_items
-
-    block_q = ref_block_q(rows, slots, n_heads, kv_heads)
-    fn = lambda qs, kv: work_items(qs, kv, block_q=block_q, n_blocks=-(-rows // block_q),
-                                   page_size=1, t_len=rows).seq  # noqa: E731
-    seq = jax.eval_shape(fn, jax.ShapeDtypeStruct((slots + 1,), jnp.int32),
-                         jax.ShapeDtypeStruct((slots,), jnp.int32))
-    return int(seq.shape[0]), block_q
+    """'measured' attention (0 for 'pages': inside `dense`)."""
 
 
 class StepPricer:
@@ -131,7 +114,7 @@ class StepPricer:
         """One step of `rows` packed rows (the token bucket), `slots` sampling rows (max_seqs),
         a page table `width` pages wide, `keys` cached tokens read over all sequences ('pages'
         attention only)."""
-        if self.attention.kind == "gather":
+        if self.attention.kind == "measured":
             keys = 0  # the twin reads the table's width whatever the sequences hold
         key = (rows, slots, width, page_size, keys)
         if key not in self._memo:
@@ -164,19 +147,16 @@ class StepPricer:
             read = kv_cache_bytes_per_chip(cfg, self.plan, 1, keys, kb)
             est = dataclasses.replace(est, kv_load_s=read / self.hw.hbm_bw)
         else:
-            attention_s = self._gather_seconds(rows, slots, width * page_size)
+            attention_s = self._measured_seconds(rows, slots, width, page_size)
         dense = evaluate(dataclasses.replace(terms, roofline=est), self.hw.efficiency)
         return StepCost(dense.step_s + attention_s, dense, attention_s)
 
-    def _gather_seconds(self, rows: int, slots: int, keys_per_item: int) -> float:
-        """The twin's attention over all layers on one chip: gathered bytes and FLOPs at the
-        measured rates; n host devices share the machine, so each runs at 1/n of its rate."""
-        cfg, n = self.cfg, self.plan.mesh.n
-        items, block_q = gather_items(rows, slots, cfg.n_heads, cfg.n_kv_heads)
-        gathered = kv_cache_bytes_per_chip(cfg, self.plan, items, keys_per_item, self.bytes[2])
-        flops = 4.0 * cfg.n_layers * items * block_q * keys_per_item * cfg.n_heads \
-            * cfg.head_dim / n
-        return n * (gathered * self.attention.s_per_byte + flops * self.attention.s_per_flop)
+    def _measured_seconds(self, rows: int, slots: int, width: int, page_size: int) -> float:
+        """The twin's attention over all layers: n_layers x one layer's measured time. Under a
+        plan over n host devices each runs 1/n of the heads, but all n share this machine's
+        cores, so the step still costs about the whole work's time."""
+        seconds = self.attention.layer_seconds(rows, slots, width, page_size)
+        return self.cfg.n_layers * float(seconds)
 
     def call(self, plan: StepPlan, steps: int, page_size: int) -> float:
         """Seconds of the `steps` steps one device call runs for `plan` (the decode loop feeds

@@ -1,7 +1,10 @@
 """Test setup: 8 simulated CPU devices for mesh tests, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -9,6 +12,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "0")
+# the suite never reads or writes the user's calibration files (~/.cache/jaxinfer); tests that
+# need one write it under their own tmp_path
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxinfer-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
