@@ -337,13 +337,11 @@ def _memory_bytes() -> float:
         return 16.0 * 2**30
 
 
-def measure(quick: bool = False, collective_devices: int = 8) -> dict:
-    """Every term of the module docstring on the default JAX device (and, for the
-    collectives, `collective_devices` simulated host devices in a subprocess). `quick`: smaller
-    sizes and fewer repeats (tests); the fitted form is the same."""
+def measure_local(quick: bool = False) -> dict:
+    """The terms of the module docstring that one device measures (all but the collectives and
+    the interprocess bandwidth). `quick`: smaller sizes and fewer repeats (tests); the fitted
+    form is the same."""
     import jax
-
-    from partitioning import calibrate_collectives
 
     started = time.perf_counter()
     repeats = 2 if quick else 5  # the best of several: shared machines slow down in bursts
@@ -352,7 +350,7 @@ def measure(quick: bool = False, collective_devices: int = 8) -> dict:
         megabytes=64 if quick else 128, repeats=repeats, passes=1 if quick else 2)
     peak = max([measure_peak(512 if quick else 1024, repeats)] + [r for _, r in curve])
     fraction, half = fit_matmul_curve([p for p in curve if p[0] >= 2], peak)
-    result = {
+    return {
         "version": VERSION, "cpu": cpu_name(), "cores": os.cpu_count(),
         "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores",
         "device": str(jax.devices()[0]), "jax": jax.__version__,
@@ -366,9 +364,19 @@ def measure(quick: bool = False, collective_devices: int = 8) -> dict:
                            / memory_bw, 1.0),
         "memory_bw": memory_bw, "sum_bw": measure_sum_bandwidth(32 if quick else 128, repeats),
         **measure_overheads((1, 2) if quick else (1, 6), repeats=repeats),
-        "collectives": calibrate_collectives.measure_collectives(collective_devices, quick),
-        "interprocess_bw": measure_interprocess_bw(16 if quick else 64),
+        "calibration_s": time.perf_counter() - started,
     }
+
+
+def measure(quick: bool = False, collective_devices: int = 8) -> dict:
+    """Every term of the module docstring: `measure_local` on the default JAX device, and the
+    collectives over `collective_devices` simulated host devices in a subprocess."""
+    from partitioning import calibrate_collectives
+
+    started = time.perf_counter()
+    result = measure_local(quick)
+    result["collectives"] = calibrate_collectives.measure_collectives(collective_devices, quick)
+    result["interprocess_bw"] = measure_interprocess_bw(16 if quick else 64)
     result["calibration_s"] = time.perf_counter() - started
     return result
 

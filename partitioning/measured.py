@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 from jaxinfer.config import ModelConfig
 from partitioning.calibrate_collectives import host_devices_env
@@ -87,6 +89,9 @@ class Row:
     roofline_s: float
     bound: str
     workload: dict
+    start_expected_s: float | None = None
+    """With a calibration per row: the prediction from the run's first calibration instead
+    (how far the machine drifted since)."""
 
     @property
     def ratio(self) -> float:
@@ -154,8 +159,11 @@ def predict(cfg: ModelConfig, case: Case, wl: Workload, calibration: dict) -> Ex
 
 
 def run_cases(cases, calibration: dict, cfg: ModelConfig | None = None, steps=DECODE_STEPS,
-              repeats: int = 3, progress=None) -> list[Row]:
-    """Measure and predict every case in this process (which needs the cases' devices)."""
+              repeats: int = 3, progress=None, recalibrate=None) -> list[Row]:
+    """Measure and predict every case in this process (which needs the cases' devices).
+    `recalibrate` (optional, no arguments): called just before each case's measurement for the
+    calibration that prices it (a shared machine's speed drifts over minutes); `calibration`
+    then prices `Row.start_expected_s`."""
     from jaxinfer.api import Model
 
     rows, models = [], {}
@@ -166,24 +174,46 @@ def run_cases(cases, calibration: dict, cfg: ModelConfig | None = None, steps=DE
             models.clear()  # one model's weights at a time
             models[key] = Model.random(config, plan=case.plan())
         model = models[key]
+        row_calibration = recalibrate() if recalibrate else calibration
         measured = measure_case(case, model, steps, repeats)
         wl, context = _workload(case, model, steps)
-        x = predict(config, case, wl, calibration)
+        x = predict(config, case, wl, row_calibration)
+        start = predict(config, case, wl, calibration).step_s if recalibrate else None
         rows.append(Row(case.name, MeshShape(*case.mesh).n, measured, x.step_s, x.roofline_s,
                         x.bound, dict(model=config.name, batch=wl.batch, tokens=wl.tokens,
                                       context=context, layout=case.layout,
-                                      attention=case.attention, mesh=list(case.mesh))))
+                                      attention=case.attention, mesh=list(case.mesh)), start))
         if progress:
             progress(rows[-1])
     return rows
 
 
 def run_cases_on_devices(cases, calibration_file: str, devices: int, steps=DECODE_STEPS,
-                         repeats: int = 3, timeout_s: float = 1800) -> list[Row]:
-    """`run_cases` in a subprocess with `devices` simulated host devices."""
+                         repeats: int = 3, timeout_s: float = 1800,
+                         recalibrate=None) -> list[Row]:
+    """`run_cases` in a subprocess with `devices` simulated host devices; with `recalibrate`
+    (as `run_cases`, called in this process), one subprocess per case, each priced with the
+    calibration taken just before it starts."""
+    if recalibrate is None:
+        return _run_in_subprocess(cases, calibration_file, None, devices, steps, repeats,
+                                  timeout_s)
+    from partitioning import calibrate
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, case in enumerate(cases):
+            path = calibrate.save(recalibrate(), os.path.join(tmp, f"row{i}.json"))
+            rows += _run_in_subprocess([case], calibration_file, path, devices, steps, repeats,
+                                       timeout_s)
+    return rows
+
+
+def _run_in_subprocess(cases, calibration_file, row_calibration_file, devices, steps, repeats,
+                       timeout_s) -> list[Row]:
     env = host_devices_env(devices)
     spec = json.dumps({"cases": [dataclasses.asdict(c) for c in cases], "steps": list(steps),
-                       "repeats": repeats, "calibration": calibration_file})
+                       "repeats": repeats, "calibration": calibration_file,
+                       "row_calibration": row_calibration_file})
     proc = subprocess.run([sys.executable, "-m", "partitioning.measured", spec], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
@@ -196,8 +226,10 @@ def _subprocess_main(spec: str) -> None:
 
     spec = json.loads(spec)
     cases = [Case(**dict(c, mesh=tuple(c["mesh"]))) for c in spec["cases"]]
+    row_file = spec["row_calibration"]
     rows = run_cases(cases, calibrate.load(spec["calibration"]), steps=tuple(spec["steps"]),
                      repeats=spec["repeats"],
+                     recalibrate=(lambda: calibrate.load(row_file)) if row_file else None,
                      progress=lambda r: print(f"{r.name}: {r.measured_s * 1e3:.1f} ms",
                                               file=sys.stderr, flush=True))
     print(json.dumps([{k: v for k, v in r.to_json().items() if k not in ("ratio", "within")}

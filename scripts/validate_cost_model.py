@@ -2,6 +2,7 @@
 
     python scripts/validate_cost_model.py [--calibration FILE] [--save-calibration FILE]
                                           [--rows all|single|mesh] [--repeats 5] [--json]
+                                          [--no-calibrate-each-row]
 
 Calibrates this machine (`partitioning.calibrate.measure`, as `jaxinfer calibrate`; or loads
 ``--calibration FILE``), then measures with jaxinfer's own programs and prices with
@@ -13,6 +14,13 @@ Calibrates this machine (`partitioning.calibrate.measure`, as `jaxinfer calibrat
   ``--xla_force_host_platform_device_count=8``): 1d-ws/heads, 2d-ws/heads and 1d-ws/batch, on the
   bench model with 16 heads of 48 (12 heads do not divide over 8 devices in any
   weight-stationary layout).
+
+Each row is priced with a calibration of this machine's one-device terms (`calibrate.measure_local`:
+matmul curve, bandwidth, attention and KV fractions, fixed costs) taken just before the row is
+measured, the collectives from the first calibration (``--no-calibrate-each-row``: the first
+calibration prices every row). On a shared VM the machine's speed drifts over minutes (the
+calibrated peak ranged over 175-292 GFLOP/s in one session), so a calibration taken ten minutes
+earlier prices a different machine; the "vs start" column is the ratio with the first one.
 
 Prints one table (measured, expected, roofline, ratio, within ±25%?) and exits 1 if a row misses.
 """
@@ -47,17 +55,21 @@ def print_table(rows, calibration: dict, elapsed_s: float) -> None:
              f"{calibration.get('jax', '?')}, float32, load average {_load_average()}")
     t = Table(title=title)
     for col in ("row", "devices", "measured ms", "expected ms", "roofline ms", "ratio",
-                "±25%", "expected bound"):
+                "±25%", "vs start", "expected bound"):
         t.add_column(col, justify="left" if col in ("row", "expected bound") else "right")
     for r in rows:
         t.add_row(r.name, str(r.devices), f"{r.measured_s * 1e3:.1f}",
                   f"{r.expected_s * 1e3:.1f}", f"{r.roofline_s * 1e3:.1f}", f"{r.ratio:.2f}",
-                  "yes" if r.within else "NO", r.bound)
+                  "yes" if r.within else "NO", _start_ratio(r), r.bound)
     console = Console(width=150)
     console.print(t)
     console.print(calibration_summary(calibration))
     console.print(f"{sum(r.within for r in rows)}/{len(rows)} rows within ±25%; "
                   f"{elapsed_s:.0f} s in all")
+
+
+def _start_ratio(r) -> str:
+    return "-" if r.start_expected_s is None else f"{r.start_expected_s / r.measured_s:.2f}"
 
 
 def calibration_summary(c: dict) -> str:
@@ -86,6 +98,9 @@ def main(argv=None) -> int:
                     help="timed repeats per measurement (the best counts: the machine is shared)")
     ap.add_argument("--rows", choices=("all", "single", "mesh"), default="all",
                     help="the one-device rows, the 8-device rows, or both")
+    ap.add_argument("--calibrate-each-row", action=argparse.BooleanOptionalAction, default=True,
+                    help="price each row with the one-device terms measured just before it "
+                    "(module docstring)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     cal = calibrate.load(args.calibration) if args.calibration else calibrate.measure()
@@ -93,16 +108,23 @@ def main(argv=None) -> int:
         calibrate.save(cal, args.save_calibration)
     print(calibration_summary(cal), file=sys.stderr, flush=True)
     show = lambda r: print(f"{r.name}: measured {r.measured_s * 1e3:.1f} ms, expected "
-                           f"{r.expected_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                           f"{r.expected_s * 1e3:.1f} ms (vs start {_start_ratio(r)})",
+                           file=sys.stderr, flush=True)
+    recalibrate = (lambda: {**cal, **calibrate.measure_local()}) if args.calibrate_each_row \
+        else None
     rows = []
     if args.rows in ("all", "single"):
         rows += measured.run_cases(measured.single_device_cases(), cal, repeats=args.repeats,
-                                   progress=show)
+                                   progress=show, recalibrate=recalibrate)
     if args.rows in ("all", "mesh"):
         with tempfile.TemporaryDirectory() as tmp:
             path = calibrate.save(cal, os.path.join(tmp, "calibration.json"))
-            rows += measured.run_cases_on_devices(measured.MESH_CASES, path, 8,
-                                                  repeats=args.repeats)
+            mesh_rows = measured.run_cases_on_devices(measured.MESH_CASES, path, 8,
+                                                      repeats=args.repeats,
+                                                      recalibrate=recalibrate)
+        for r in mesh_rows:
+            show(r)
+        rows += mesh_rows
     if args.json:
         print(json.dumps({"machine": cal["machine"], "platform": platform.platform(),
                           "load_average": _load_average(), "elapsed_s": time.perf_counter()

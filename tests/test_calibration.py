@@ -138,6 +138,17 @@ def test_predicted_step_times_are_near_the_measured_ones(quick_calibration):
              measured.Case("prefill 64", "prefill", 1, 64),  # the same prefill program
              measured.Case("decode b=8 1d-ws 1x1x8", "decode", 8, 64, "1d-ws", "heads",
                            (1, 1, 8))]
-    rows = measured.run_cases(cases, quick_calibration, cfg=TINY, steps=(17, 32), repeats=2)
+    calls = []
+
+    def recalibrate():  # as the script's per-row calibration, with a 1 ms dearer layer
+        calls.append(1)
+        return dict(quick_calibration,
+                    layer_overhead_s=quick_calibration["layer_overhead_s"] + 1e-3)
+
+    rows = measured.run_cases(cases, quick_calibration, cfg=TINY, steps=(17, 32), repeats=2,
+                              recalibrate=recalibrate)
+    assert len(calls) == len(cases)
     for r in rows:
-        assert math.isfinite(r.ratio) and 1 / 4 <= r.ratio <= 4, r
+        start_ratio = r.start_expected_s / r.measured_s
+        assert math.isfinite(start_ratio) and 1 / 4 <= start_ratio <= 4, r
+        assert r.expected_s >= r.start_expected_s + TINY.n_layers * 1e-3 * 0.999, r
