@@ -381,6 +381,31 @@ def measure(quick: bool = False, collective_devices: int = 8) -> dict:
     return result
 
 
+MEDIAN_FIELDS = ("matmul_flops", "matmul_peak_fraction", "matmul_half_tokens", "matvec_fraction",
+                 "attention_fraction", "kv_fraction", "memory_bw", "sum_bw", "layer_overhead_s",
+                 "step_overhead_s")
+"""The one-device terms `median_of` takes the median of."""
+
+
+def median_of(results: list[dict]) -> dict:
+    """One calibration from several of this machine: the last one's fields, each of
+    `MEDIAN_FIELDS` the median over all of them, the matmul curve the median per M (over the Ms
+    every curve has). One calibration on a shared machine can catch a slow (or fast) spell; the
+    median of several does not follow it."""
+    if not results:
+        raise ValueError("median_of needs at least one calibration")
+    out = dict(results[-1])
+    for key in MEDIAN_FIELDS:
+        if all(key in r for r in results):
+            out[key] = statistics.median(r[key] for r in results)
+    curves = [{m: rate for m, rate in r["matmul_curve"]} for r in results if r.get("matmul_curve")]
+    if len(curves) == len(results):
+        ms = sorted(set.intersection(*(set(c) for c in curves)))
+        out["matmul_curve"] = [[m, statistics.median(c[m] for c in curves)] for m in ms]
+    out["calibrations"] = len(results)
+    return out
+
+
 # ---- cache --------------------------------------------------------------------------------------
 def save(result: dict, path: str | None = None) -> str:
     """Write `result` as JSON to `path` (default `cache_path`) atomically: a reader never sees

@@ -15,12 +15,13 @@ Calibrates this machine (`partitioning.calibrate.measure`, as `jaxinfer calibrat
   bench model with 16 heads of 48 (12 heads do not divide over 8 devices in any
   weight-stationary layout).
 
-Each row is priced with a calibration of this machine's one-device terms (`calibrate.measure_local`:
-matmul curve, bandwidth, attention and KV fractions, fixed costs) taken just before the row is
-measured, the collectives from the first calibration (``--no-calibrate-each-row``: the first
-calibration prices every row). On a shared VM the machine's speed drifts over minutes (the
-calibrated peak ranged over 175-292 GFLOP/s in one session), so a calibration taken ten minutes
-earlier prices a different machine; the "vs start" column is the ratio with the first one.
+Before each row the one-device terms (`calibrate.measure_local`: matmul curve, bandwidth, attention
+and KV fractions, fixed costs) are measured again, and the row is priced with the median of every
+calibration taken so far in the run (`calibrate.median_of`; the collectives from the first). On
+a shared VM one calibration can catch a slow or fast spell (the calibrated peak ranged over
+175-292 GFLOP/s in one session, and a run's first calibration measured half the weight-streaming
+bandwidth of the next): the median does not follow one spell. The "vs start" column is the ratio
+with the first calibration alone (``--no-calibrate-each-row``: that one prices every row).
 
 Prints one table (measured, expected, roofline, ratio, within ±25%?) and exits 1 if a row misses.
 """
@@ -110,25 +111,32 @@ def main(argv=None) -> int:
     show = lambda r: print(f"{r.name}: measured {r.measured_s * 1e3:.1f} ms, expected "
                            f"{r.expected_s * 1e3:.1f} ms (vs start {_start_ratio(r)})",
                            file=sys.stderr, flush=True)
-    recalibrate = (lambda: {**cal, **calibrate.measure_local()}) if args.calibrate_each_row \
-        else None
+    taken = [cal]
+
+    def recalibrate() -> dict:
+        taken.append({**cal, **calibrate.measure_local()})
+        return calibrate.median_of(taken)
+
     rows = []
     if args.rows in ("all", "single"):
         rows += measured.run_cases(measured.single_device_cases(), cal, repeats=args.repeats,
-                                   progress=show, recalibrate=recalibrate)
+                                   progress=show,
+                                   recalibrate=recalibrate if args.calibrate_each_row else None)
     if args.rows in ("all", "mesh"):
         with tempfile.TemporaryDirectory() as tmp:
             path = calibrate.save(cal, os.path.join(tmp, "calibration.json"))
             mesh_rows = measured.run_cases_on_devices(measured.MESH_CASES, path, 8,
                                                       repeats=args.repeats,
-                                                      recalibrate=recalibrate)
+                                                      recalibrate=recalibrate
+                                                      if args.calibrate_each_row else None)
         for r in mesh_rows:
             show(r)
         rows += mesh_rows
     if args.json:
         print(json.dumps({"machine": cal["machine"], "platform": platform.platform(),
                           "load_average": _load_average(), "elapsed_s": time.perf_counter()
-                          - started, "rows": [r.to_json() for r in rows], "calibration": cal},
+                          - started, "rows": [r.to_json() for r in rows], "calibration": cal,
+                          "row_calibrations": taken[1:]},
                          indent=2))
     else:
         print_table(rows, cal, time.perf_counter() - started)

@@ -152,3 +152,17 @@ def test_predicted_step_times_are_near_the_measured_ones(quick_calibration):
         start_ratio = r.start_expected_s / r.measured_s
         assert math.isfinite(start_ratio) and 1 / 4 <= start_ratio <= 4, r
         assert r.expected_s >= r.start_expected_s + TINY.n_layers * 1e-3 * 0.999, r
+
+
+def test_median_of_calibrations_takes_each_term_and_curve_point_median():
+    runs = [_synthetic(memory_bw=m, matmul_curve=[[1, r], [8, 8 * r], [64, 60 * r]][:k],
+                       timestamp=str(i))
+            for i, (m, r, k) in enumerate([(1e10, 1e9, 3), (3e10, 3e9, 2), (2e10, 2e9, 3)])]
+    med = calibrate.median_of(runs)
+    assert med["memory_bw"] == 2e10 and med["calibrations"] == 3
+    assert med["matmul_curve"] == [[1, 2e9], [8, 16e9]]  # the Ms every curve has
+    assert med["timestamp"] == "2" and med["collectives"] == runs[-1]["collectives"]
+    assert calibrate.median_of(runs[:1])["memory_bw"] == 1e10
+    cpu_profile(med, 1)  # still a calibration the profile accepts
+    with pytest.raises(ValueError, match="at least one calibration"):
+        calibrate.median_of([])
