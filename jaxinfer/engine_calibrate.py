@@ -11,9 +11,9 @@ calibration (``engine_calibration.json`` in the same directory):
   table's full width and attends every key, masked), so an `AttentionTable` entry is exact up to
   timing noise: it is the median of 5 timed calls, measured the first time the planner prices a
   shape (about a second each) and cached. A two-rate fit (gathered bytes, FLOPs) over three
-  shapes stood in before; over 36 shapes (2-core Intel Xeon) it left a 29% RMS error (0.39x-1.68x: the gathers
-  slow down faster than their bytes grow once they leave the caches) and priced the
-  long-prompt workload's 256-row chunks over 64-page tables at half their time.
+  shapes stood in before; over 36 shapes (2-core Intel Xeon) it left a 29% RMS error
+  (0.39x-1.68x: the gathers slow down faster than their bytes grow once they leave the caches)
+  and priced the long-prompt workload's 256-row chunks over 64-page tables at half their time.
 - ``call_overhead_s``: what a device call costs beyond its steps: host scheduling and
   bookkeeping, input transfer, dispatch. A tiny model (`calibrate.tiny_config`, whose steps are
   almost only fixed costs) runs a small workload through the real engine; the overhead is

@@ -90,8 +90,8 @@ class Row:
     bound: str
     workload: dict
     start_expected_s: float | None = None
-    """With a calibration per row: the prediction from the run's first calibration instead
-    (how far the machine drifted since)."""
+    """With a calibration per row (`run_cases`' `recalibrate`): the prediction from the run's
+    first calibration alone."""
 
     @property
     def ratio(self) -> float:

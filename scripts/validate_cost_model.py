@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", choices=("all", "single", "mesh"), default="all",
                     help="the one-device rows, the 8-device rows, or both")
     ap.add_argument("--calibrate-each-row", action=argparse.BooleanOptionalAction, default=True,
-                    help="price each row with the one-device terms measured just before it "
-                    "(module docstring)")
+                    help="measure the one-device terms again before each row and price it "
+                    "with the median of the run's calibrations so far (module docstring)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     cal = calibrate.load(args.calibration) if args.calibration else calibrate.measure()
@@ -113,22 +113,22 @@ def main(argv=None) -> int:
                            file=sys.stderr, flush=True)
     taken = [cal]
 
-    def recalibrate() -> dict:
+    def median_so_far() -> dict:
         taken.append({**cal, **calibrate.measure_local()})
         return calibrate.median_of(taken)
+
+    recalibrate = median_so_far if args.calibrate_each_row else None
 
     rows = []
     if args.rows in ("all", "single"):
         rows += measured.run_cases(measured.single_device_cases(), cal, repeats=args.repeats,
-                                   progress=show,
-                                   recalibrate=recalibrate if args.calibrate_each_row else None)
+                                   progress=show, recalibrate=recalibrate)
     if args.rows in ("all", "mesh"):
         with tempfile.TemporaryDirectory() as tmp:
             path = calibrate.save(cal, os.path.join(tmp, "calibration.json"))
             mesh_rows = measured.run_cases_on_devices(measured.MESH_CASES, path, 8,
                                                       repeats=args.repeats,
-                                                      recalibrate=recalibrate
-                                                      if args.calibrate_each_row else None)
+                                                      recalibrate=recalibrate)
         for r in mesh_rows:
             show(r)
         rows += mesh_rows
