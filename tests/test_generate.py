@@ -1,5 +1,7 @@
 """Generation behaviour: invariances, stop conditions, buckets, the compiled loop and the cache."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,21 +122,33 @@ def test_sampling_values_do_not_recompile(model):
     assert programs.decode(8, jax.tree.structure(sp))._cache_size() == 1
 
 
+def _lowered_decode_loop(model, out_len, batch=1):
+    gen = model._generator
+    sp = SamplingConfig().device_params()
+    program = gen.programs.decode(out_len, jax.tree.structure(sp))
+    prompts = np.zeros((batch, 16), np.int32)
+    first, cache = gen.prefill(model.params, prompts, np.full(batch, 3, np.int32))
+    return program.lower(model.params, first, prompts, cache, np.int32(1),
+                         np.zeros(2, np.uint32), sp, np.full(32, -1, np.int32), np.int32(out_len))
+
+
 def test_decode_loop_runs_as_one_while_loop(model):
     """The decode program is one XLA while loop: its size does not grow with the token count."""
-    def text(out_len):
-        gen = model._generator
-        sp = SamplingConfig().device_params()
-        program = gen.programs.decode(out_len, jax.tree.structure(sp))
-        first, cache = gen.prefill(model.params, np.zeros((1, 16), np.int32),
-                                   np.array([3], np.int32))
-        return program.lower(model.params, first, np.zeros((1, 16), np.int32), cache,
-                             np.int32(1), np.zeros(2, np.uint32), sp, np.full(32, -1, np.int32),
-                             np.int32(out_len)).as_text()
-
-    short, long = text(8), text(64)
+    short, long = (_lowered_decode_loop(model, n).as_text() for n in (8, 64))
     assert "stablehlo.while" in short
     assert short.count("stablehlo.dot_general") == long.count("stablehlo.dot_general") > 0
+
+
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_writes_the_cache_in_place(batch, kv_cache):
+    """No step of the compiled loop copies a K/V (or scale) buffer [B, K, S(, H)]: one row is
+    written as a scatter, not a dynamic-update-slice that XLA:CPU would copy 4x per layer."""
+    m = Model(CFG, Model.random(CFG).params, kv_cache=kv_cache)
+    hlo = _lowered_decode_loop(m, 8, batch).compile().as_text()
+    shape = rf"\[{batch},{CFG.n_kv_heads},\d+(?:,{CFG.head_dim})?\]"
+    copies = re.findall(rf"= \w+{shape}\S* copy\(", hlo)
+    assert "while(" in hlo and not copies, copies
 
 
 def test_decode_step_matches_full_forward(model):
