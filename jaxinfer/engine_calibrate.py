@@ -23,6 +23,7 @@ calibration (``engine_calibration.json`` in the same directory):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -82,11 +83,12 @@ def measure_attention_point(cfg: ModelConfig, page_size: int, dtype: str, rows: 
 
 
 class AttentionTable:
-    """One layer's twin attention seconds per static step shape, keyed ``"T/S/J"``, for one
-    model head shape, page size and dtype: a shape not yet in `seconds` is measured (by
-    `measure`, default `measure_attention_point`) when first asked for, and `save` (if given)
-    is called with the whole table after each new entry. Callable as an
-    `AttentionCost.layer_seconds`."""
+    """One layer's twin attention seconds per static step shape, for one model head shape,
+    page size and dtype, keyed ``"T/S/J"`` (rows, slots, table width), or ``"T/S/J/hQ/kvK"`` for
+    one chip's share of the heads (Q query heads over K KV heads, when a plan splits them): a
+    shape not yet in `seconds` is measured (by `measure`, default `measure_attention_point`)
+    when first asked for, and `save` (if given) is called with the whole table after each new
+    entry. Callable as an `AttentionCost.layer_seconds`."""
 
     def __init__(self, cfg: ModelConfig, page_size: int, dtype: str,
                  seconds: dict[str, float] | None = None,
@@ -98,17 +100,28 @@ class AttentionTable:
         """Shapes this object measured (not found in `seconds`)."""
         self._save, self._measure = save, measure
 
-    def __call__(self, rows: int, slots: int, width: int, page_size: int) -> float:
+    def __call__(self, rows: int, slots: int, width: int, page_size: int,
+                 q_heads: int | None = None, kv_heads: int | None = None) -> float:
+        """Seconds at (rows, slots, width) with `q_heads` over `kv_heads` (default: the
+        model's)."""
         if page_size != self.page_size:
             raise ValueError(f"this attention table was measured with page_size "
                              f"{self.page_size}, asked for {page_size}")
-        for name, value in (("rows", rows), ("slots", slots), ("width", width)):
+        q = self.cfg.n_heads if q_heads is None else q_heads
+        k = self.cfg.n_kv_heads if kv_heads is None else kv_heads
+        for name, value in (("rows", rows), ("slots", slots), ("width", width),
+                            ("q_heads", q), ("kv_heads", k)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"attention table: {name} must be an integer >= 1, "
                                  f"got {value!r}")
-        key = f"{rows}/{slots}/{width}"
+        if q % k:
+            raise ValueError(f"attention table: {q} query heads do not group over {k} KV heads")
+        own = (q, k) == (self.cfg.n_heads, self.cfg.n_kv_heads)
+        key = f"{rows}/{slots}/{width}" + ("" if own else f"/h{q}/kv{k}")
         if key not in self.seconds:
-            seconds = float(self._measure(self.cfg, self.page_size, self.dtype, int(rows),
+            cfg = self.cfg if own else dataclasses.replace(self.cfg, n_heads=int(q),
+                                                           n_kv_heads=int(k))
+            seconds = float(self._measure(cfg, self.page_size, self.dtype, int(rows),
                                           int(slots), int(width)))
             if not (np.isfinite(seconds) and seconds > 0):
                 raise ValueError(f"attention table: measuring {key} gave {seconds!r} seconds")

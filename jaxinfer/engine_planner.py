@@ -2,9 +2,10 @@
 
 For a workload (a length distribution or a JSONL request file, `parse_workload`), the planner
 simulates the engine (`jaxinfer.engine_sim`: the real scheduler on a clock of priced steps) for
-every candidate (weight-stationary layout with heads-sharded attention on the mesh, as the
-engine runs under a plan; max_seqs; token budget, which bounds the prefill chunk) and picks the
-one with the highest predicted useful tok/s among those meeting the optional TPOT / TTFT
+every candidate (a layout and attention sharding on the mesh, as the engine runs under a plan:
+batch-sharded attention and weight-gathered layouts in slot groups, one per attention batch
+shard; max_seqs, divisible by the groups; token budget, which bounds the prefill chunk) and
+picks the one with the highest predicted useful tok/s among those meeting the optional TPOT / TTFT
 targets (on the p99 over requests, `TARGET_PERCENTILE`). Every request is queued at the start
 (an offline batch, one `Engine.generate` call); TTFT counts from there.
 """
@@ -114,33 +115,40 @@ def describe_workload(requests: list[WorkloadRequest]) -> dict:
 
 
 # ---- candidates ---------------------------------------------------------------------------------
+def slot_groups(cfg: ModelConfig, plan: PhasePlan) -> int:
+    """The engine's slot groups under `plan` (its attention batch shards: 1 with heads-sharded
+    attention on a weight-stationary layout)."""
+    layout = resolve(plan, cfg)
+    return layout.size(layout.attn_batch)
+
+
 def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None) -> list[PhasePlan]:
-    """The decode phase plans the engine can run on `chips`: weight-stationary, attention over
-    heads (the layouts `engine_sim.StepPricer` prices), dims divisible. One
-    chip: the single 1x1x1 plan."""
+    """The decode phase plans the engine can run on `chips`: every layout and attention
+    sharding whose dims divide for a step of one sequence per slot group. One chip: the single
+    1x1x1 plan."""
     out = []
-    for plan in candidates(cfg, "decode", chips, hw, layouts=("1d-ws", "2d-ws"),
-                           attentions=("heads",), meshes=meshes):
-        if chips == 1 and plan.layout != "1d-ws":
+    for plan in candidates(cfg, "decode", chips, hw, meshes=meshes):
+        if chips == 1 and (plan.layout, plan.attention) != ("1d-ws", "heads"):
             continue  # one chip: every layout is the same program
-        if invalid_reason(cfg, plan, 1):
-            continue
         try:
+            groups = slot_groups(cfg, plan)
+            if invalid_reason(cfg, plan, groups):
+                continue
             resolve(plan, cfg).check(cfg)
         except ShardingError:
             continue
         out.append(plan)
     if not out:
-        raise PlanningError(f"no heads-sharded weight-stationary layout of {cfg.name} on "
-                            f"{chips} x {hw.name}: the engine cannot run it")
+        raise PlanningError(f"no layout of {cfg.name} on {chips} x {hw.name} divides its "
+                            f"dims: the engine cannot run it")
     return out
 
 
 def pool_pages(cfg: ModelConfig, config: EngineConfig, hw: HardwareProfile, max_model_len: int,
-               kv_dtype: str, weight_bytes: float, chips: int) -> int:
+               kv_dtype: str, weight_bytes: float, chips: int, groups: int = 1) -> int:
     """Pages of the engine's KV pool (`EngineConfig.kv_pool_bytes`'s rule: `kv_cache_bytes`, or
     room for max_seqs full sequences capped at CPU_KV_CACHE_BYTES on CPU, at KV_MEMORY_FRACTION
-    of a chip's memory left by its weights elsewhere)."""
+    of a chip's memory left by its weights elsewhere), a multiple of the slot groups."""
     from jaxinfer.engine.device import PagedKV
 
     page = PagedKV.bytes_per_page(cfg, config.page_size, kv_dtype)
@@ -152,9 +160,12 @@ def pool_pages(cfg: ModelConfig, config: EngineConfig, hw: HardwareProfile, max_
     else:
         free = hw.hbm_bytes - cfg.param_count() * weight_bytes / chips
         pool = min(full, int(max(free, 0) * KV_MEMORY_FRACTION))
-    if pool // page < 1:
-        raise PlanningError(f"{cfg.name} leaves no room for one KV page on {hw.name}")
-    return int(pool // page)
+    pages = int(pool // page) // groups * groups
+    if pages < 1:
+        raise PlanningError(f"{cfg.name} leaves no room for one KV page"
+                            f"{'' if groups == 1 else f' per slot group ({groups})'} on "
+                            f"{hw.name}")
+    return pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,33 +215,55 @@ def plan_engine(cfg: ModelConfig, requests: list[WorkloadRequest], hw: HardwareP
                 steps_per_call: int = 8, tpot_target_s: float | None = None,
                 ttft_target_s: float | None = None, weight_bytes: float = 4.0,
                 act_bytes: float = 4.0) -> EnginePlan:
-    """Simulate every (plan, max_seqs, token budget >= max_seqs) and pick (module docstring).
-    No candidate meeting the targets is a `PlanningError` naming the closest one."""
+    """Simulate every (plan, max_seqs divisible by the plan's slot groups, token budget >=
+    max_seqs) and pick (module docstring). No candidate meeting the targets is a
+    `PlanningError` naming the closest one."""
     longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
     if longest > cfg.max_context:
         raise PlanningError(f"the workload's longest request ({longest} tokens) exceeds "
                             f"{cfg.name}'s max_context={cfg.max_context}")
     kv_dtype = "float32" if act_bytes == 4.0 else "bfloat16"
+    pricers = [StepPricer(cfg, plan, hw, attention, weight_bytes=weight_bytes,
+                          act_bytes=act_bytes, kv_bytes=act_bytes) for plan in plans]
     out = []
-    for plan in plans:
-        pricer = StepPricer(cfg, plan, hw, attention, weight_bytes=weight_bytes,
-                            act_bytes=act_bytes, kv_bytes=act_bytes)
-        for seqs in max_seqs:
+    for pricer in _fastest_mesh_each(pricers, requests, max(max_seqs), page_size):
+        plan = pricer.plan
+        for seqs in [s for s in max_seqs if s % pricer.groups == 0]:
             for budget in [b for b in token_budgets if b >= seqs]:
                 config = EngineConfig(max_seqs=seqs, page_size=page_size, token_budget=budget,
                                       max_model_len=longest, steps_per_call=steps_per_call)
                 pages = pool_pages(cfg, config, hw, longest, kv_dtype, weight_bytes,
-                                   plan.mesh.n)
+                                   plan.mesh.n, pricer.groups)
                 p = simulate(requests, config, pages, longest, pricer, call_overhead_s)
                 out.append(EngineCandidate(plan, config, pages, p,
                                            _misses(p, tpot_target_s, ttft_target_s)))
     if not out:
         raise PlanningError(f"no candidate: every token budget {tuple(token_budgets)} is below "
-                            f"every max_seqs {tuple(max_seqs)}")
+                            f"every max_seqs {tuple(max_seqs)}, or no max_seqs divides into "
+                            f"the slot groups of any layout")
     out.sort(key=lambda c: (c.misses is not None, -c.prediction.useful_tok_s))
     if out[0].misses is not None:
         raise PlanningError(_no_candidate(out, tpot_target_s, ttft_target_s))
     return EnginePlan(out[0], tuple(out), tpot_target_s, ttft_target_s)
+
+
+def _fastest_mesh_each(pricers: list[StepPricer], requests: list[WorkloadRequest], seqs: int,
+                       page_size: int) -> list[StepPricer]:
+    """Per (layout, attention), the pricer of the mesh whose decode step of `seqs` sequences
+    (rounded up to its slot groups) at the workload's mean length is the quickest: the meshes
+    of one layout differ in how its collectives are priced, and simulating each of them (90
+    plans on 8 chips) would cost minutes for nothing."""
+    mean = sum(len(r.prompt) + r.max_new_tokens / 2 for r in requests) / len(requests)
+    width = pages_for_tokens(math.ceil(mean), page_size)
+    best: dict[tuple[str, str], tuple[float, StepPricer]] = {}
+    for pricer in pricers:
+        g = pricer.groups
+        rows = -(-seqs // g) * g
+        seconds = pricer.step(rows, rows, width, page_size, rows // g * width * page_size).step_s
+        key = (pricer.plan.layout, pricer.plan.attention)
+        if key not in best or seconds < best[key][0]:
+            best[key] = (seconds, pricer)
+    return [pricer for _, pricer in best.values()]
 
 
 def _no_candidate(out: list[EngineCandidate], tpot_target_s, ttft_target_s) -> str:
@@ -340,7 +373,7 @@ def print_report(report: dict) -> None:
         table.add_column(col)
     for i, c in enumerate(report["candidates"]):
         e = c["engine_config"]
-        table.add_row("best" if i == 0 else "", c["layout"],
+        table.add_row("best" if i == 0 else "", f"{c['layout']}/{c['attention']}",
                       "x".join(str(v) for v in c["mesh"].values()), str(e["max_seqs"]),
                       str(e["token_budget"]), str(c["num_pages"]), f"{c['useful_tok_s']:.1f}",
                       f"{c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f}",
@@ -352,5 +385,5 @@ def print_report(report: dict) -> None:
     console.print(f"chosen: EngineConfig(max_seqs={best['max_seqs']}, page_size="
                   f"{best['page_size']}, token_budget={best['token_budget']}, max_model_len="
                   f"{best['max_model_len']}, steps_per_call={best['steps_per_call']}) under "
-                  f"{report['best']['layout']}/heads; per-call overhead "
+                  f"{report['best']['layout']}/{report['best']['attention']}; per-call overhead "
                   f"{report['call_overhead_s'] * 1e3:.2f} ms, {report['calibration']}")

@@ -23,10 +23,21 @@ its paged attention (`AttentionCost`):
   every work item (`work_items`: its static count W depends on T, S and the block size) gathers
   the page table's full width (J pages, `plan.page_bucket`) and attends over all J x page_size
   keys, masked, so its time depends on the static shape (T, S, J) alone, not on the sequences'
-  lengths. A step is priced at n_layers x one layer's time at that shape, measured on this
-  machine (`jaxinfer.engine_calibrate.AttentionTable`): the gathers run far below the streaming
+  lengths. A step is priced at n_layers x one layer's time at that shape (under a plan: every
+  chip's share, below), measured on this machine (`jaxinfer.engine_calibrate.AttentionTable`): the gathers run far below the streaming
   bandwidth and their cost grows faster than their bytes once they leave the caches, which no
   rate fit over a few shapes caught (the long-prompt workload was 1.8x optimistic with one).
+
+Under a layout whose attention is split over the batch (batch-sharded attention, pope2022.md
+§6.2b, or a weight-gathered layout's gathered axes, §5.3) the engine runs G slot groups
+(`jaxinfer.engine.groups.GroupedScheduler`, G = the attention batch shards), and so does the
+simulation. Such a step's T rows are G blocks of T/G (each group's tokens, padded to the widest
+group's bucket) and its S slots G blocks of S/G: the dense part is priced as a batch of G
+sequences of T/G tokens (the cost model's all-to-alls, weight gathers and split residual
+follow from the layout), 'pages' attention at the chip holding the most pages (the group with
+the most keys), and 'measured' attention as every chip's twin over its group's shape
+(T/G, S/G, J) and its share of the heads, timed at that head count, all chips sharing this
+machine's cores.
 
 A device call adds `call_overhead_s` (host scheduling and bookkeeping, input transfer, dispatch:
 measured once per machine by `jaxinfer.engine_calibrate`).
@@ -42,10 +53,12 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.plan import StepPlan
+from jaxinfer.engine.groups import GroupedScheduler
 from jaxinfer.engine.scheduler import Scheduler
 from partitioning.cost_model import Workload, kv_cache_bytes_per_chip
 from partitioning.efficiency import ExpectedStep, evaluate, step_terms
 from partitioning.hardware import HardwareProfile
+from partitioning.layouts import resolve
 from partitioning.plan import PhasePlan
 
 ATTENTION_KINDS = ("pages", "measured")
@@ -57,9 +70,9 @@ class AttentionCost:
 
     kind: str
     """'pages' (kernels read each sequence's pages) or 'measured' (the XLA twin, per shape)."""
-    layer_seconds: Callable[[int, int, int, int], float] | None = None
+    layer_seconds: Callable[[int, int, int, int, int, int], float] | None = None
     """measured: seconds of one layer's twin attention on one device at (rows T, slots S, table
-    width J pages, page_size), e.g. an `engine_calibrate.AttentionTable`."""
+    width J pages, page_size, query heads, KV heads), e.g. an `engine_calibrate.AttentionTable`."""
     source: str = ""
     """Where the figures come from."""
 
@@ -97,23 +110,32 @@ class StepCost:
 
 class StepPricer:
     """Prices engine steps of one model under one phase plan on one hardware profile (module
-    docstring); steps of equal shape are priced once."""
+    docstring); steps of equal shape are priced once. `groups`: the slot groups the plan's
+    steps have (the attention batch shards); a layout the model cannot take is the
+    `ShardingError` naming why."""
 
     def __init__(self, cfg: ModelConfig, plan: PhasePlan, hw: HardwareProfile,
                  attention: AttentionCost, *, weight_bytes: float = 4.0, act_bytes: float = 4.0,
                  kv_bytes: float = 4.0):
-        if plan.attention != "heads" or plan.layout not in ("1d-ws", "2d-ws"):
-            raise ValueError(f"the engine runs weight-stationary layouts with heads-sharded "
-                             f"attention (the batch unsplit), got {plan.layout}/{plan.attention}")
+        layout = resolve(plan, cfg)
         self.cfg, self.plan, self.hw, self.attention = cfg, plan, hw, attention
+        self.groups = layout.size(layout.attn_batch)
+        # chips one sequence's query heads are split over inside attention
+        self.heads_split = (layout.size(layout.model_axes + layout.x_axes)
+                            if plan.attention == "heads" else 1)
         self.bytes = (weight_bytes, act_bytes, kv_bytes)
         self._memo: dict[tuple, StepCost] = {}
         self._terms_memo: dict[tuple[int, int], object] = {}
 
     def step(self, rows: int, slots: int, width: int, page_size: int, keys: int) -> StepCost:
-        """One step of `rows` packed rows (the token bucket), `slots` sampling rows (max_seqs),
-        a page table `width` pages wide, `keys` cached tokens read over all sequences ('pages'
-        attention only)."""
+        """One step of `rows` packed rows (the token bucket, all groups), `slots` sampling rows
+        (max_seqs), a page table `width` pages wide, `keys` cached tokens read by the chip
+        reading most ('pages' attention only: one group's sequences' pages)."""
+        for name, value in (("rows", rows), ("slots", slots)):
+            if value % self.groups:
+                raise ValueError(f"a step of {name}={value} does not split into the "
+                                 f"{self.groups} slot groups of {self.plan.layout}/"
+                                 f"{self.plan.attention}")
         if self.attention.kind == "measured":
             keys = 0  # the twin reads the table's width whatever the sequences hold
         key = (rows, slots, width, page_size, keys)
@@ -128,12 +150,12 @@ class StepPricer:
         return self._terms_memo[rows, slots]
 
     def _dense_terms(self, rows: int, slots: int):
-        cfg, n = self.cfg, self.plan.mesh.n
+        cfg, n, g = self.cfg, self.plan.mesh.n, self.groups
         wb, ab, kb = self.bytes
-        wl = Workload(batch=1, tokens=rows, context=0, weight_bytes=wb, act_bytes=ab,
-                      kv_bytes=kb, logits_tokens=slots)
+        wl = Workload(batch=g, tokens=rows // g, context=0, weight_bytes=wb, act_bytes=ab,
+                      kv_bytes=kb, logits_tokens=slots // g)
         terms = step_terms(cfg, self.plan, wl, self.hw)
-        logits = 2.0 * cfg.vocab_size * cfg.d_model * (slots - 1)  # the estimate counts 1 row
+        logits = 2.0 * cfg.vocab_size * cfg.d_model * (slots - g)  # the estimate counts g rows
         return dataclasses.replace(terms, roofline=dataclasses.replace(
             terms.roofline, compute_s=terms.roofline.compute_s
             + logits / (n * self.hw.peak_flops_bf16)))
@@ -144,7 +166,7 @@ class StepPricer:
         est = terms.roofline
         attention_s = 0.0
         if self.attention.kind == "pages":
-            read = kv_cache_bytes_per_chip(cfg, self.plan, 1, keys, kb)
+            read = kv_cache_bytes_per_chip(cfg, self.plan, self.groups, keys, kb)
             est = dataclasses.replace(est, kv_load_s=read / self.hw.hbm_bw)
         else:
             attention_s = self._measured_seconds(rows, slots, width, page_size)
@@ -152,21 +174,32 @@ class StepPricer:
         return StepCost(dense.step_s + attention_s, dense, attention_s)
 
     def _measured_seconds(self, rows: int, slots: int, width: int, page_size: int) -> float:
-        """The twin's attention over all layers: n_layers x one layer's measured time. Under a
-        plan over n host devices each runs 1/n of the heads, but all n share this machine's
-        cores, so the step still costs about the whole work's time."""
-        seconds = self.attention.layer_seconds(rows, slots, width, page_size)
-        return self.cfg.n_layers * float(seconds)
+        """The twin's attention over all layers. Each of the n host devices runs its group's
+        shape (rows / G, slots / G, width) over its share of the heads (H / heads_split query
+        heads over the KV heads they read), and all n share this machine's cores: n x one
+        layer's time at that shape and head count, per layer. (Pricing a chip's share as 1 /
+        heads_split of the whole was 1.7x optimistic for 1d-ws/heads on 8 devices: the twin's
+        page gathers follow the KV heads a chip reads, 1 of 2 for 1 query head of 8.)"""
+        g, cfg = self.groups, self.cfg
+        q = cfg.n_heads // self.heads_split
+        kv = max(1, cfg.n_kv_heads // self.heads_split)
+        seconds = self.attention.layer_seconds(rows // g, slots // g, width, page_size, q, kv)
+        return cfg.n_layers * self.plan.mesh.n * float(seconds)
 
     def call(self, plan: StepPlan, steps: int, page_size: int) -> float:
         """Seconds of the `steps` steps one device call runs for `plan` (the decode loop feeds
         each sequence one more token per step)."""
+        if plan.num_groups != self.groups:
+            raise ValueError(f"the step plan has {plan.num_groups} slot groups, the layout "
+                             f"{self.plan.layout}/{self.plan.attention} {self.groups}")
         rows, width = len(plan.token_ids), plan.page_table.shape[1]
         slots = len(plan.kv_lens)
-        kv = plan.kv_lens[:plan.num_seqs].astype(np.int64)
+        per = slots // self.groups
+        kv = [plan.kv_lens[g * per:g * per + int(n)].astype(np.int64)
+              for g, n in enumerate(plan.group_seqs)]
         total = 0.0
         for j in range(steps):
-            keys = int((-(-(kv + j) // page_size)).sum()) * page_size
+            keys = max(int((-(-(k + j) // page_size)).sum()) for k in kv) * page_size
             total += self.step(rows, slots, width, page_size, keys).step_s
         return total
 
@@ -209,32 +242,35 @@ class Prediction:
         return float(np.percentile(values, q)) if values else float("nan")
 
 
-def make_scheduler(config: EngineConfig, num_pages: int, max_model_len: int) -> Scheduler:
-    """The scheduler `Engine` builds for `config` over a pool of `num_pages` pages."""
-    return Scheduler(
+def make_scheduler(config: EngineConfig, num_pages: int, max_model_len: int,
+                   groups: int = 1) -> Scheduler | GroupedScheduler:
+    """The scheduler `Engine` builds for `config` over a pool of `num_pages` pages split into
+    `groups` slot groups (1: one `Scheduler`)."""
+    kwargs = dict(
         max_seqs=config.max_seqs, page_size=config.page_size, num_pages=num_pages,
         token_budget=config.token_budget,
         max_prefill_chunk=config.max_prefill_chunk or config.token_budget,
         max_model_len=max_model_len, prefix_caching=config.prefix_caching,
         min_token_bucket=config.min_token_bucket)
+    return Scheduler(**kwargs) if groups == 1 else GroupedScheduler(groups=groups, **kwargs)
 
 
 def _steps_of_call(plan: StepPlan, steps_per_call: int) -> int:
     """Steps the engine runs for `plan` in one call (no stop tokens: the loop's bound)."""
     if steps_per_call > 1 and int(plan.step_limits.max()) > 1:
-        limits = plan.step_limits[:plan.num_seqs][plan.sample_mask[:plan.num_seqs]]
-        return int(min(steps_per_call, limits.min()))
+        slots = list(plan.slots)
+        return int(min(steps_per_call, plan.step_limits[slots][plan.sample_mask[slots]].min()))
     return 1
 
 
 def simulate(requests: Sequence[WorkloadRequest], config: EngineConfig, num_pages: int,
              max_model_len: int, pricer: StepPricer, call_overhead_s: float) -> Prediction:
     """Run the engine's scheduler over `requests` on a clock of predicted call times (module
-    docstring); a request that cannot fit the pool or max_model_len is the scheduler's
-    ValueError naming it."""
+    docstring), in the pricer's slot groups; a request that cannot fit the pool (a group's
+    segment) or max_model_len is the scheduler's ValueError naming it."""
     if not requests:
         raise ValueError("the workload has no requests")
-    sched = make_scheduler(config, num_pages, max_model_len)
+    sched = make_scheduler(config, num_pages, max_model_len, pricer.groups)
     first = np.full(len(requests), np.nan)
     last = np.full(len(requests), np.nan)
     counts = np.zeros(len(requests), np.int64)

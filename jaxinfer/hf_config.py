@@ -301,6 +301,7 @@ def _falcon(f: _Fields) -> dict[str, Any]:
     f.expect("bias", (False,), False)
     f.expect("num_ln_in_parallel_attn", (None, 1), None)
     f.get("num_kv_heads")  # only used by the new decoder architecture, rejected above
+    f.expect("num_key_value_heads", (None, 1), None)  # newer transformers: 1 under multi_query
     d_model, heads, head_dim = _heads(f, explicit_head_dim=False)
     max_pos = f.integer("max_position_embeddings", 2048)
     theta, scaling = _rope(f, max_pos)

@@ -3,24 +3,29 @@ targets, the CLI, and a loose predicted-vs-measured check on a small model."""
 
 import json
 
+import numpy as np
 import pytest
 
+import jaxinfer
 from jaxinfer import cli, engine_calibrate, engine_planner, validation
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import EngineConfig
+from jaxinfer.engine.device import PagedKV
+from jaxinfer.sampling import SamplingParams
 from jaxinfer.engine_sim import AttentionCost, StepPricer, WorkloadRequest, simulate
 from partitioning import calibrate
 from partitioning.hardware import cpu_profile
 from partitioning.mesh import MeshShape
-from partitioning.plan import PhasePlan
+from partitioning.plan import PhasePlan, Plan
 from partitioning.planner import PlanningError
 from test_calibration import _synthetic
 
 SMALL = ModelConfig(name="planner-small", vocab_size=1024, d_model=256, n_layers=2, n_heads=4,
                     n_kv_heads=2, head_dim=64, d_ff=512, max_context=256)
 ONE = PhasePlan("decode", "1d-ws", "heads", MeshShape(1, 1, 1))
-# made-up twin seconds per layer, growing with rows, slots and table width
-MEASURED = AttentionCost("measured", lambda t, s, j, page: 1e-7 * (t + s) * j, source="test")
+# made-up twin seconds per layer, growing with rows, slots, table width and heads
+MEASURED = AttentionCost("measured", lambda t, s, j, page, q, kv: 1e-8 * (t + s) * j * (q + kv),
+                         source="test")
 
 
 def _requests(n=12, seed=0):
@@ -147,7 +152,6 @@ def test_prediction_is_loosely_near_a_measured_engine_run():
     predict a small engine run within 4x (quiet 2-core Intel Xeon: 0.69; the ±30% table is
     ``scripts/validate_engine_plan.py``)."""
     from jaxinfer.api import Model
-    from jaxinfer.sampling import SamplingParams
 
     measurement = _quick_single_device_calibration()
     figures = {"call_overhead_s": engine_calibrate.measure_call_overhead(
@@ -196,6 +200,15 @@ def test_attention_table_measures_each_shape_once_and_caches_it(tmp_path, monkey
         table(8, 2, 0, 16)
     assert engine_calibrate.load_or_measure(SMALL, 16, "float32", attention=False)[
         "attention"] is None
+    # one chip's share of the heads is its own entry, timed at that head count
+    asked = []
+    share = engine_calibrate.AttentionTable(
+        SMALL, 16, "float32", {"8/2/4": first},
+        measure=lambda cfg, *shape: asked.append((cfg.n_heads, cfg.n_kv_heads, shape)) or 0.5)
+    assert share(8, 2, 4, 16, 2, 1) == 0.5 and share(8, 2, 4, 16, 4, 2) == first
+    assert asked == [(2, 1, (16, "float32", 8, 2, 4))] and "8/2/4/h2/kv1" in share.seconds
+    with pytest.raises(ValueError, match="3 query heads do not group over 2 KV heads"):
+        share(8, 2, 4, 16, 3, 2)
 
 
 def test_attention_cost_kinds_are_checked():
@@ -205,3 +218,79 @@ def test_attention_cost_kinds_are_checked():
         AttentionCost("measured")
     with pytest.raises(ValueError, match="and only for it"):
         AttentionCost("pages", lambda t, s, j, p: 1.0)
+
+
+GROUPED_CFG = ModelConfig(name="planner-grouped", vocab_size=128, d_model=64, n_layers=2,
+                          n_heads=8, n_kv_heads=2, head_dim=16, d_ff=128, max_context=64)
+
+
+@pytest.mark.parametrize("layout,attention,mesh,groups", [("1d-ws", "batch", (8, 1, 1), 8),
+                                                          ("wg-xy", "heads", (2, 2, 2), 4)])
+def test_simulated_slot_groups_take_the_engines_steps(layout, attention, mesh, groups):
+    """Under a layout with slot groups (batch-sharded attention: 8; wg-xy's gathered axes: 4)
+    the simulator runs the engine's GroupedScheduler: the real engine on 8 devices takes the
+    same steps, device calls and preemptions (14 pages per group, where the longest request
+    takes 13, force some)."""
+    decode = PhasePlan("decode", layout, attention, MeshShape(*mesh))
+    model = jaxinfer.Model.random(GROUPED_CFG, seed=3, plan=Plan(
+        PhasePlan("prefill", layout, attention, MeshShape(*mesh)), decode))
+    rng = np.random.default_rng(0)
+    requests = [WorkloadRequest(tuple(rng.integers(0, 128, int(n)).tolist()), int(k))
+                for n, k in zip(rng.integers(2, 30, 16), rng.integers(2, 20, 16))]
+    page = PagedKV.bytes_per_page(GROUPED_CFG, 4, "float32")
+    config = EngineConfig(max_seqs=16, page_size=4, token_budget=32, steps_per_call=4,
+                          max_model_len=64, kv_cache_bytes=14 * groups * page)
+    engine = model.engine(config)
+    params = [SamplingParams(max_new_tokens=r.max_new_tokens, stop_tokens=()) for r in requests]
+    stats = engine.generate([list(r.prompt) for r in requests], params).stats
+    pricer = StepPricer(GROUPED_CFG, decode, cpu_profile(_synthetic(), 8), MEASURED)
+    assert pricer.groups == engine.groups == groups
+    p = simulate(requests, config, engine.num_pages, 64, pricer, 1e-3)
+    assert engine.num_pages == 14 * groups and stats.preemptions > 0
+    assert (p.steps, p.device_calls, p.preemptions) == (
+        stats.steps, stats.device_calls, stats.preemptions)
+    assert p.generated_tokens == stats.generated_tokens
+
+
+def test_grouped_steps_price_each_chips_group():
+    """A step of 8 slot groups prices the twin attention as the 8 chips' group shapes (all
+    heads) on shared cores; heads-sharded over 8 chips, as 8 chips' whole step shape over one
+    query head and the one KV head it reads; rows that do not split are an error."""
+    hw = cpu_profile(_synthetic(), 8)
+    batch = StepPricer(GROUPED_CFG, PhasePlan("decode", "1d-ws", "batch", MeshShape(1, 1, 8)),
+                       hw, MEASURED)
+    heads = StepPricer(GROUPED_CFG, PhasePlan("decode", "1d-ws", "heads", MeshShape(1, 1, 8)),
+                       hw, MEASURED)
+    layer = MEASURED.layer_seconds
+    assert batch.step(32, 16, 4, 16, 0).attention_s == pytest.approx(
+        GROUPED_CFG.n_layers * 8 * layer(4, 2, 4, 16, 8, 2))
+    assert heads.step(32, 16, 4, 16, 0).attention_s == pytest.approx(
+        GROUPED_CFG.n_layers * 8 * layer(32, 16, 4, 16, 1, 1))
+    with pytest.raises(ValueError, match="rows=12 does not split into the 8 slot groups"):
+        batch.step(12, 16, 4, 16, 0)
+    pages = AttentionCost("pages", source="test")
+    kernel = StepPricer(GROUPED_CFG, PhasePlan("decode", "1d-ws", "batch", MeshShape(1, 1, 8)),
+                        hw, pages)
+    # 'pages': the chip of the group with most keys reads its pages, all KV heads
+    one_seq = 2 * GROUPED_CFG.n_layers * 64 * GROUPED_CFG.n_kv_heads * GROUPED_CFG.head_dim * 4
+    assert kernel.step(8, 8, 4, 16, 64).dense.kv_load_s == pytest.approx(
+        one_seq / hw.hbm_bw / hw.efficiency.kv_fraction)
+
+
+def test_engine_planner_searches_slot_grouped_layouts():
+    """On 8 chips the search covers batch-sharded attention with max_seqs divisible by its 8
+    groups only, one mesh per layout and attention."""
+    hw = cpu_profile(_synthetic(), 8)
+    plans = engine_planner.engine_plans(GROUPED_CFG, 8, hw)
+    assert {("1d-ws", "batch"), ("1d-ws", "heads"), ("wg-xyz", "heads")} <= {
+        (p.layout, p.attention) for p in plans}
+    requests = engine_planner.parse_workload(
+        "lognormal:prompt=10,output=8,n=10,max_prompt=40,max_output=20", 128)
+    result = engine_planner.plan_engine(GROUPED_CFG, requests, hw, plans, MEASURED, 1e-3,
+                                        max_seqs=(4, 8), token_budgets=(32,))
+    assert ("1d-ws", "batch") in {(c.plan.layout, c.plan.attention) for c in result.candidates}
+    for c in result.candidates:
+        if c.plan.attention == "batch":
+            assert c.config.max_seqs == 8 and c.num_pages % 8 == 0
+    keys = [(c.plan.layout, c.plan.attention, c.config.max_seqs) for c in result.candidates]
+    assert len(keys) == len(set(keys))  # one mesh per layout and attention
