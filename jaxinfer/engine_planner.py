@@ -23,7 +23,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, KV_MEMORY_FRACTION, EngineConfig
 from jaxinfer.engine.pages import pages_for_tokens
 from jaxinfer.engine_sim import (AttentionCost, Prediction, StepPricer, WorkloadRequest,
-                                 simulate)
+                                 simulate, slot_groups)
 from partitioning.hardware import HardwareProfile
 from partitioning.layouts import ShardingError, resolve
 from partitioning.plan import PhasePlan
@@ -115,13 +115,6 @@ def describe_workload(requests: list[WorkloadRequest]) -> dict:
 
 
 # ---- candidates ---------------------------------------------------------------------------------
-def slot_groups(cfg: ModelConfig, plan: PhasePlan) -> int:
-    """The engine's slot groups under `plan` (its attention batch shards: 1 with heads-sharded
-    attention on a weight-stationary layout)."""
-    layout = resolve(plan, cfg)
-    return layout.size(layout.attn_batch)
-
-
 def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None) -> list[PhasePlan]:
     """The decode phase plans the engine can run on `chips`: every layout and attention
     sharding whose dims divide for a step of one sequence per slot group. One chip: the single

@@ -24,9 +24,10 @@ its paged attention (`AttentionCost`):
   the page table's full width (J pages, `plan.page_bucket`) and attends over all J x page_size
   keys, masked, so its time depends on the static shape (T, S, J) alone, not on the sequences'
   lengths. A step is priced at n_layers x one layer's time at that shape (under a plan: every
-  chip's share, below), measured on this machine (`jaxinfer.engine_calibrate.AttentionTable`): the gathers run far below the streaming
-  bandwidth and their cost grows faster than their bytes once they leave the caches, which no
-  rate fit over a few shapes caught (the long-prompt workload was 1.8x optimistic with one).
+  chip's share, below), measured on this machine (`jaxinfer.engine_calibrate.AttentionTable`):
+  the gathers run far below the streaming bandwidth and their cost grows faster than their
+  bytes once they leave the caches, which no rate fit over a few shapes caught (the long-prompt
+  workload was 1.8x optimistic with one).
 
 Under a layout whose attention is split over the batch (batch-sharded attention, pope2022.md
 §6.2b, or a weight-gathered layout's gathered axes, §5.3) the engine runs G slot groups
@@ -53,8 +54,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.plan import StepPlan
-from jaxinfer.engine.groups import GroupedScheduler
-from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.groups import new_scheduler
 from partitioning.cost_model import Workload, kv_cache_bytes_per_chip
 from partitioning.efficiency import ExpectedStep, evaluate, step_terms
 from partitioning.hardware import HardwareProfile
@@ -108,18 +108,25 @@ class StepCost:
     """'measured' attention (0 for 'pages': inside `dense`)."""
 
 
+def slot_groups(cfg: ModelConfig, plan: PhasePlan) -> int:
+    """The engine's slot groups under `plan`: its attention batch shards (1 with heads-sharded
+    attention on a weight-stationary layout); a layout the model cannot take is the
+    `ShardingError` naming why."""
+    layout = resolve(plan, cfg)
+    return layout.size(layout.attn_batch)
+
+
 class StepPricer:
     """Prices engine steps of one model under one phase plan on one hardware profile (module
-    docstring); steps of equal shape are priced once. `groups`: the slot groups the plan's
-    steps have (the attention batch shards); a layout the model cannot take is the
-    `ShardingError` naming why."""
+    docstring); steps of equal shape are priced once. `groups`: the plan's `slot_groups`; a
+    layout the model cannot take is the `ShardingError` naming why."""
 
     def __init__(self, cfg: ModelConfig, plan: PhasePlan, hw: HardwareProfile,
                  attention: AttentionCost, *, weight_bytes: float = 4.0, act_bytes: float = 4.0,
                  kv_bytes: float = 4.0):
         layout = resolve(plan, cfg)
         self.cfg, self.plan, self.hw, self.attention = cfg, plan, hw, attention
-        self.groups = layout.size(layout.attn_batch)
+        self.groups = slot_groups(cfg, plan)
         # chips one sequence's query heads are split over inside attention
         self.heads_split = (layout.size(layout.model_axes + layout.x_axes)
                             if plan.attention == "heads" else 1)
@@ -242,19 +249,6 @@ class Prediction:
         return float(np.percentile(values, q)) if values else float("nan")
 
 
-def make_scheduler(config: EngineConfig, num_pages: int, max_model_len: int,
-                   groups: int = 1) -> Scheduler | GroupedScheduler:
-    """The scheduler `Engine` builds for `config` over a pool of `num_pages` pages split into
-    `groups` slot groups (1: one `Scheduler`)."""
-    kwargs = dict(
-        max_seqs=config.max_seqs, page_size=config.page_size, num_pages=num_pages,
-        token_budget=config.token_budget,
-        max_prefill_chunk=config.max_prefill_chunk or config.token_budget,
-        max_model_len=max_model_len, prefix_caching=config.prefix_caching,
-        min_token_bucket=config.min_token_bucket)
-    return Scheduler(**kwargs) if groups == 1 else GroupedScheduler(groups=groups, **kwargs)
-
-
 def _steps_of_call(plan: StepPlan, steps_per_call: int) -> int:
     """Steps the engine runs for `plan` in one call (no stop tokens: the loop's bound)."""
     if steps_per_call > 1 and int(plan.step_limits.max()) > 1:
@@ -270,7 +264,7 @@ def simulate(requests: Sequence[WorkloadRequest], config: EngineConfig, num_page
     segment) or max_model_len is the scheduler's ValueError naming it."""
     if not requests:
         raise ValueError("the workload has no requests")
-    sched = make_scheduler(config, num_pages, max_model_len, pricer.groups)
+    sched = new_scheduler(config, num_pages, max_model_len, pricer.groups)
     first = np.full(len(requests), np.nan)
     last = np.full(len(requests), np.nan)
     counts = np.zeros(len(requests), np.int64)

@@ -67,3 +67,10 @@ class Plan:
         if self.prefill.mesh != self.decode.mesh:
             raise ValueError(f"prefill mesh {self.prefill.mesh} and decode mesh {self.decode.mesh} "
                              "must match: weights are stored once (pope2022.md §5.3)")
+
+    @classmethod
+    def uniform(cls, layout: str, attention: str, mesh: MeshShape) -> Plan:
+        """Both phases under one layout and attention on `mesh` (the engine's steps, prefill
+        chunks and decodes together, run the decode plan)."""
+        return cls(PhasePlan("prefill", layout, attention, mesh),
+                   PhasePlan("decode", layout, attention, mesh))

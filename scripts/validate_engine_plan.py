@@ -58,7 +58,7 @@ def measure(model, requests, config, vocab_size: int) -> dict:
     s = run(requests)
     tpot = [t for t in s.tpot_s if t is not None]
     return {"useful_tok_s": s.generated_tokens / s.wall_s, "wall_s": s.wall_s,
-            "ttft_p50_s": float(np.percentile(s.ttft_s, 50)),
+            "device_s": s.device_s, "ttft_p50_s": float(np.percentile(s.ttft_s, 50)),
             "tpot_p50_s": float(np.percentile(tpot, 50)), "steps": s.steps,
             "device_calls": s.device_calls, "preemptions": s.preemptions}
 
@@ -90,10 +90,11 @@ def parse_args():
     return args
 
 
-def plan_groups(cfg, plans, layouts: str | None) -> list[tuple[str, list]]:
-    """(label, plans) per validated layout: every plan, or each LAYOUT/ATTENTION's plans."""
+def plan_groups(cfg, plans, layouts: str | None) -> list[list]:
+    """The plans the planner picks among, per validated row: every plan, or each
+    LAYOUT/ATTENTION's plans."""
     if layouts is None:
-        return [("all", plans)]
+        return [plans]
     out = []
     for item in layouts.split(","):
         layout, _, attention = item.partition("/")
@@ -101,7 +102,7 @@ def plan_groups(cfg, plans, layouts: str | None) -> list[tuple[str, list]]:
         if not chosen:
             raise SystemExit(f"--layouts: {item!r} is not a layout/attention the engine can run "
                              f"for {cfg.name} here")
-        out.append((item, chosen))
+        out.append(chosen)
     return out
 
 
@@ -114,7 +115,7 @@ def main() -> int:
     from jaxinfer.api import Model
     from partitioning import calibrate
     from partitioning.hardware import cpu_profile
-    from partitioning.plan import Plan, PhasePlan
+    from partitioning.plan import Plan
 
     cfg = bench_engine.MODELS["30m"]
     hw = cpu_profile(calibrate.load_or_calibrate(), args.devices)
@@ -126,16 +127,15 @@ def main() -> int:
     for index in args.workloads:
         name, spec = WORKLOADS[index]
         requests = engine_planner.parse_workload(spec.format(n=args.n, seed=0), cfg.vocab_size)
-        for _, chosen in plan_groups(cfg, plans, args.layouts):
+        for chosen in plan_groups(cfg, plans, args.layouts):
             t0 = time.perf_counter()
             best = engine_planner.plan_engine(cfg, requests, hw, chosen, attention,
                                               figures["call_overhead_s"]).best
             planning_s = time.perf_counter() - t0
             model = base
             if args.devices > 1:
-                decode = best.plan
-                model = Model(cfg, base.params, plan=Plan(
-                    PhasePlan("prefill", decode.layout, decode.attention, decode.mesh), decode))
+                d = best.plan
+                model = Model(cfg, base.params, plan=Plan.uniform(d.layout, d.attention, d.mesh))
             rows.append(_row(name, spec.format(n=args.n, seed=0), best, planning_s,
                              measure(model, requests, best.config, cfg.vocab_size)))
             print_row(rows[-1], flush=True)
@@ -159,7 +159,8 @@ def _row(name: str, spec: str, best, planning_s: float, got: dict) -> dict:
             "max_seqs": best.config.max_seqs, "token_budget": best.config.token_budget,
             "planning_s": planning_s,
             "predicted": {"useful_tok_s": pred.useful_tok_s, "wall_s": pred.wall_s,
-                          "ttft_p50_s": pred.ttft(50), "tpot_p50_s": pred.tpot(50),
+                          "device_s": pred.device_s, "ttft_p50_s": pred.ttft(50),
+                          "tpot_p50_s": pred.tpot(50),
                           "steps": pred.steps, "device_calls": pred.device_calls,
                           "preemptions": pred.preemptions},
             "measured": got, "ratio": pred.useful_tok_s / got["useful_tok_s"]}
@@ -176,15 +177,17 @@ def print_table(report: dict) -> None:
           f"load average "
           f"{', '.join(f'{x:.2f}' for x in report['load_average'])}; per-call overhead "
           f"{report['call_overhead_s'] * 1e3:.2f} ms; {report['calibration']}")
-    print("| workload | layout | max_seqs / token_budget | useful tok/s predicted / measured | ratio | "
-          "within ±30% | TTFT p50 s pred / meas | TPOT p50 ms pred / meas | steps pred / meas |")
-    print("|---|---|---|---:|---:|---|---:|---:|---:|")
+    print("| workload | layout | max_seqs / token_budget | useful tok/s predicted / measured | "
+          "ratio | within ±30% | wall s (device s) pred / meas | TTFT p50 s pred / meas | "
+          "TPOT p50 ms pred / meas | steps pred / meas |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|")
     for r in report["rows"]:
         p, m = r["predicted"], r["measured"]
         print(f"| {r['workload']} | {r['layout']} | {r['max_seqs']} / {r['token_budget']} | "
               f"{p['useful_tok_s']:.1f} / {m['useful_tok_s']:.1f} | {r['ratio']:.2f} | "
               f"{'yes' if abs(r['ratio'] - 1) <= TOLERANCE else 'NO'} | "
-              f"{p['ttft_p50_s']:.2f} / {m['ttft_p50_s']:.2f} | "
+              f"{p['wall_s']:.1f} ({p['device_s']:.1f}) / {m['wall_s']:.1f} "
+              f"({m['device_s']:.1f}) | {p['ttft_p50_s']:.2f} / {m['ttft_p50_s']:.2f} | "
               f"{p['tpot_p50_s'] * 1e3:.0f} / {m['tpot_p50_s'] * 1e3:.0f} | "
               f"{p['steps']} / {m['steps']} |")
 

@@ -10,7 +10,7 @@ import jaxinfer
 from jaxinfer import EngineConfig, InvalidArgument, SamplingParams
 from jaxinfer.config import ModelConfig
 from partitioning.mesh import MeshShape
-from partitioning.plan import Plan, PhasePlan
+from partitioning.plan import Plan
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16,
                   d_ff=128, max_context=64)
@@ -18,8 +18,7 @@ ENGINE = EngineConfig(max_seqs=4, page_size=4, token_budget=16, steps_per_call=4
 
 
 def _plan(decode, mesh):
-    m = MeshShape(*mesh)
-    return Plan(PhasePlan("prefill", *decode, m), PhasePlan("decode", *decode, m))
+    return Plan.uniform(*decode, MeshShape(*mesh))
 
 
 @pytest.fixture(scope="module")

@@ -232,8 +232,8 @@ def test_simulated_slot_groups_take_the_engines_steps(layout, attention, mesh, g
     same steps, device calls and preemptions (14 pages per group, where the longest request
     takes 13, force some)."""
     decode = PhasePlan("decode", layout, attention, MeshShape(*mesh))
-    model = jaxinfer.Model.random(GROUPED_CFG, seed=3, plan=Plan(
-        PhasePlan("prefill", layout, attention, MeshShape(*mesh)), decode))
+    model = jaxinfer.Model.random(GROUPED_CFG, seed=3,
+                                  plan=Plan.uniform(layout, attention, MeshShape(*mesh)))
     rng = np.random.default_rng(0)
     requests = [WorkloadRequest(tuple(rng.integers(0, 128, int(n)).tolist()), int(k))
                 for n, k in zip(rng.integers(2, 30, 16), rng.integers(2, 20, 16))]

@@ -34,12 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxinfer import validation
 from jaxinfer.engine.config import EngineConfig, EngineResult
 from jaxinfer.engine.device import PagedKV, StepOutput, step_inputs
-from jaxinfer.engine.groups import GroupedScheduler
+from jaxinfer.engine.groups import new_scheduler
 from jaxinfer.engine.loop import StepProgram, num_groups
 from jaxinfer.engine.pages import pages_for_tokens
 from jaxinfer.engine.plan import Request, RequestState, StepPlan, token_bucket
 from jaxinfer.engine.run import Collector, Run, TokenEvent, Track, check_params
-from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.generate import seed_halves
 from jaxinfer.model import Runtime
 from jaxinfer.sampling import SamplingParams, stack_configs
@@ -101,21 +100,11 @@ class Engine:
                 f"one page of {c.page_size} tokens takes {page_bytes} bytes")
         return pages
 
-    def _new_scheduler(self) -> Scheduler | GroupedScheduler:
-        """A scheduler of this config with an empty pool and prefix cache."""
-        c = self.config
-        kwargs = dict(
-            max_seqs=c.max_seqs, page_size=c.page_size, num_pages=self.num_pages,
-            token_budget=c.token_budget, max_prefill_chunk=c.max_prefill_chunk or c.token_budget,
-            max_model_len=self.max_model_len, prefix_caching=c.prefix_caching,
-            min_token_bucket=c.min_token_bucket)
-        return (Scheduler(**kwargs) if self.groups == 1
-                else GroupedScheduler(groups=self.groups, **kwargs))
-
     def _reset(self) -> None:
         """A fresh scheduler (empty prefix cache), pool and seen table."""
         c = self.config
-        self.scheduler = self._new_scheduler()
+        self.scheduler = new_scheduler(self.config, self.num_pages, self.max_model_len,
+                                       self.groups)
         # placed on the parameters' mesh as the programs return them, so the step's outputs,
         # which the next step takes, have the same input types as these (no second compile)
         mesh = self.program.rt.sharding.mesh
@@ -138,7 +127,7 @@ class Engine:
             raise validation.InvalidArgument(
                 f"compiled_hlo needs 1 <= num_seqs <= max_seqs={self.config.max_seqs} and "
                 f"1 <= context < max_model_len={self.max_model_len}, got {num_seqs}, {context}")
-        sched = self._new_scheduler()
+        sched = new_scheduler(self.config, self.num_pages, self.max_model_len, self.groups)
         for i in range(num_seqs):
             sched.add_request(i, [0] * context, 2)
         plan = sched.schedule()

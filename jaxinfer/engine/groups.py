@@ -26,6 +26,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.plan import (Request, RequestState, SchedulerStats, StepPlan,
                                   build_step_plan, stack_plans)
 from jaxinfer.engine.prefix_cache import PrefixCacheStats
@@ -221,3 +222,16 @@ def _summed(cls, items):
     """A `cls` dataclass whose every field is the sum of that field over `items`."""
     return cls(**{f.name: sum(getattr(i, f.name) for i in items)
                   for f in dataclasses.fields(cls)})
+
+
+def new_scheduler(config: EngineConfig, num_pages: int, max_model_len: int,
+                  groups: int) -> Scheduler | GroupedScheduler:
+    """The scheduler the engine runs for `config` over an empty pool of `num_pages` pages in
+    `groups` slot groups (1: one `Scheduler`)."""
+    kwargs = dict(
+        max_seqs=config.max_seqs, page_size=config.page_size, num_pages=num_pages,
+        token_budget=config.token_budget,
+        max_prefill_chunk=config.max_prefill_chunk or config.token_budget,
+        max_model_len=max_model_len, prefix_caching=config.prefix_caching,
+        min_token_bucket=config.min_token_bucket)
+    return Scheduler(**kwargs) if groups == 1 else GroupedScheduler(groups=groups, **kwargs)
