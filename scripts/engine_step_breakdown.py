@@ -1,14 +1,16 @@
-"""The engine's decode step on host devices: measured TPOT beside the simulator's priced step.
+"""The engine on host devices, plan beside plan: measured wall and TPOT beside the simulator's.
 
-For each plan and prompt length, 8 requests of that prompt and 64 new tokens run through the
-engine (max_seqs 8, one warm-up run, then the quickest of 3); the median TPOT is printed beside
-`jaxinfer.engine_sim.StepPricer`'s price of a decode step of 8 sequences at that table width,
-split into its dense part (the cost model) and its attention (the twin's measured table), plus
-the per-call overhead spread over the steps of a call. Where the engine planner misses, this
-says whether the dense part or the attention does, and how the miss grows with the context.
+For each plan and prompt length an engine runs 8 requests of that prompt and --new-tokens new
+tokens (max_seqs 8, token budget 512, no prefix caching, fresh random prompts every run). All
+engines are built and warmed up first, then run in turn for --rounds rounds, so a slow spell of
+this shared machine falls on every plan alike; the quickest round of each is printed beside
+`jaxinfer.engine_sim.simulate`'s prediction for the same requests, with the priced decode step of
+8 sequences at the final table width split into its dense part (the cost model) and its
+attention (the twin's measured table). Where the engine planner misses, this says on which
+steps (decode: --new-tokens 64; prefill chunks: --new-tokens 1) and in which part.
 
     flock /tmp/jaxinfer_timing.lock python scripts/engine_step_breakdown.py \
-        [--plans 1d-ws/heads/1x1x8,1d-ws/batch/1x1x8] [--prompts 64,400] [--kv-pages N]
+        [--plans 1d-ws/heads/1x1x8,1d-ws/batch/1x1x8] [--prompts 64,400] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import os
 
 import numpy as np
 
-NEW_TOKENS = 64
 SEQS = 8
 PAGE = 16
 STEPS_PER_CALL = 8
+TOKEN_BUDGET = 512
 
 
 def parse_args():
@@ -29,8 +31,8 @@ def parse_args():
     p.add_argument("--plans", default="1d-ws/heads/1x1x8,1d-ws/batch/1x1x8",
                    help="comma-separated LAYOUT/ATTENTION/XxYxZ (one mesh for all)")
     p.add_argument("--prompts", default="64,400", help="comma-separated prompt lengths")
-    p.add_argument("--kv-pages", type=int, default=None,
-                   help="KV pool pages (default: room for the 8 sequences)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--rounds", type=int, default=3, help="timed runs of each engine")
     args = p.parse_args()
     try:
         args.plans = [(lay, att, tuple(int(v) for v in m.split("x")))
@@ -41,8 +43,10 @@ def parse_args():
     meshes = {m for _, _, m in args.plans}
     if len(meshes) != 1 or any(len(m) != 3 for m in meshes):
         p.error(f"--plans must share one XxYxZ mesh, got {sorted(meshes)}")
-    if any(n < 1 or n + NEW_TOKENS > 1024 for n in args.prompts):
-        p.error("--prompts must lie in 1..960 (the 30m model's context is 1024)")
+    if args.new_tokens < 1 or args.rounds < 1:
+        p.error("--new-tokens and --rounds must be >= 1")
+    if any(n < 1 or n + args.new_tokens > 1024 for n in args.prompts):
+        p.error("every prompt plus --new-tokens must lie in 2..1024 (the 30m model's context)")
     args.devices = int(np.prod(meshes.pop()))
     return args
 
@@ -54,9 +58,8 @@ def main() -> int:
     from jaxinfer import bench_engine, engine_calibrate
     from jaxinfer.api import Model
     from jaxinfer.engine import EngineConfig
-    from jaxinfer.engine.device import PagedKV
     from jaxinfer.engine.pages import pages_for_tokens
-    from jaxinfer.engine_sim import StepPricer
+    from jaxinfer.engine_sim import StepPricer, WorkloadRequest, simulate
     from jaxinfer.sampling import SamplingParams
     from partitioning import calibrate
     from partitioning.hardware import cpu_profile
@@ -67,37 +70,48 @@ def main() -> int:
     hw = cpu_profile(calibrate.load_or_calibrate(), args.devices)
     figures = engine_calibrate.load_or_measure(cfg, PAGE, "float32", attention=True)
     attention = engine_calibrate.attention_cost(figures)
-    overhead = figures["call_overhead_s"] / STEPS_PER_CALL
-    page_bytes = PagedKV.bytes_per_page(cfg, PAGE, "float32")
-    print(f"{cfg.name} on {calibrate.cpu_name()}, {os.cpu_count()} cores, {args.devices} host "
-          f"device(s); {SEQS} sequences x {NEW_TOKENS} new tokens; call overhead / "
-          f"{STEPS_PER_CALL} steps = {overhead * 1e3:.2f} ms")
-    print("| plan | prompt | table width J | KV pages | measured TPOT ms | priced step ms | "
-          "dense ms | attention ms | measured / priced |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    params = [SamplingParams(max_new_tokens=args.new_tokens, stop_tokens=())] * SEQS
+    fresh = lambda n: [rng.integers(3, cfg.vocab_size, n).tolist() for _ in range(SEQS)]
+    rows = []
     for layout, attn, mesh in args.plans:
         plan = Plan.uniform(layout, attn, MeshShape(*mesh))
         model = Model.random(cfg, plan=plan)
         pricer = StepPricer(cfg, plan.decode, hw, attention)
         for prompt in args.prompts:
-            rng = np.random.default_rng(0)
-            prompts = [rng.integers(3, cfg.vocab_size, prompt).tolist() for _ in range(SEQS)]
-            params = [SamplingParams(max_new_tokens=NEW_TOKENS, stop_tokens=())] * SEQS
-            engine = model.engine(EngineConfig(
-                max_seqs=SEQS, page_size=PAGE, token_budget=512,
-                max_model_len=prompt + NEW_TOKENS, steps_per_call=STEPS_PER_CALL,
-                kv_cache_bytes=None if args.kv_pages is None else args.kv_pages * page_bytes))
-            engine.generate(prompts, params)  # compiles every shape the runs take
-            best = min((engine.generate(prompts, params).stats for _ in range(3)),
-                       key=lambda s: s.wall_s)
-            tpot = float(np.median([t for t in best.tpot_s if t is not None]))
-            width = pages_for_tokens(prompt + NEW_TOKENS, PAGE)
-            step = pricer.step(SEQS, SEQS, width, PAGE, SEQS * (prompt + NEW_TOKENS // 2))
-            priced = step.step_s + overhead
-            print(f"| {layout}/{attn} {'x'.join(map(str, mesh))} | {prompt} | {width} | "
-                  f"{engine.num_pages} | {tpot * 1e3:.1f} | {priced * 1e3:.1f} | "
-                  f"{step.dense.step_s * 1e3:.1f} | {step.attention_s * 1e3:.1f} | "
-                  f"{tpot / priced:.2f} |", flush=True)
+            length = prompt + args.new_tokens
+            config = EngineConfig(max_seqs=SEQS, page_size=PAGE, token_budget=TOKEN_BUDGET,
+                                  max_model_len=length, steps_per_call=STEPS_PER_CALL,
+                                  prefix_caching=False)
+            engine = model.engine(config)
+            for _ in range(2):  # compiles every shape the timed runs take
+                engine.generate(fresh(prompt), params)
+            requests = [WorkloadRequest(tuple(p), args.new_tokens) for p in fresh(prompt)]
+            predicted = simulate(requests, config, engine.num_pages, length, pricer,
+                                 figures["call_overhead_s"])
+            width = pages_for_tokens(length, PAGE)
+            step = pricer.step(SEQS, SEQS, width, PAGE, SEQS * (length - args.new_tokens // 2))
+            rows.append({"plan": f"{layout}/{attn} {'x'.join(map(str, mesh))}",
+                         "prompt": prompt, "engine": engine, "predicted": predicted,
+                         "step": step, "width": width, "runs": []})
+    for _ in range(args.rounds):
+        for row in rows:
+            row["runs"].append(row["engine"].generate(fresh(row["prompt"]), params).stats)
+    print(f"{cfg.name} on {calibrate.cpu_name()}, {os.cpu_count()} cores, {args.devices} host "
+          f"device(s); {SEQS} requests x {args.new_tokens} new tokens, quickest of "
+          f"{args.rounds} interleaved rounds")
+    print("| plan | prompt | wall s measured / predicted | ratio | TPOT ms measured / predicted "
+          "| priced decode step ms at J pages (dense + attention) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        best = min(row["runs"], key=lambda s: s.wall_s)
+        pred, step = row["predicted"], row["step"]
+        tpot = [t for t in best.tpot_s if t is not None]
+        tpot_ms = (f"{np.median(tpot) * 1e3:.1f} / {pred.tpot(50) * 1e3:.1f}" if tpot
+                   else "- / -")
+        print(f"| {row['plan']} | {row['prompt']} | {best.wall_s:.2f} / {pred.wall_s:.2f} | "
+              f"{best.wall_s / pred.wall_s:.2f} | {tpot_ms} | {step.step_s * 1e3:.1f} at "
+              f"{row['width']} ({step.dense.step_s * 1e3:.1f} + {step.attention_s * 1e3:.1f}) |")
     return 0
 
 
