@@ -117,9 +117,9 @@ def describe_workload(requests: list[WorkloadRequest]) -> dict:
 # ---- candidates ---------------------------------------------------------------------------------
 def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None) -> list[PhasePlan]:
     """The decode phase plans the engine can run on `chips`: every layout and attention
-    sharding whose dims divide for a step of one sequence per slot group. One chip: the single
-    1x1x1 plan."""
-    out = []
+    sharding whose dims divide for a step of one sequence per slot group, each program once
+    (the first plan of a `Layout.program_key`). One chip: the single 1x1x1 plan."""
+    out, programs = [], set()
     for plan in candidates(cfg, "decode", chips, hw, meshes=meshes):
         if chips == 1 and (plan.layout, plan.attention) != ("1d-ws", "heads"):
             continue  # one chip: every layout is the same program
@@ -127,10 +127,13 @@ def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None)
             groups = slot_groups(cfg, plan)
             if invalid_reason(cfg, plan, groups):
                 continue
-            resolve(plan, cfg).check(cfg)
+            layout = resolve(plan, cfg)
+            layout.check(cfg)
         except ShardingError:
             continue
-        out.append(plan)
+        if layout.program_key() not in programs:
+            programs.add(layout.program_key())
+            out.append(plan)
     if not out:
         raise PlanningError(f"no layout of {cfg.name} on {chips} x {hw.name} divides its "
                             f"dims: the engine cannot run it")

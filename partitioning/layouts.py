@@ -92,6 +92,11 @@ class Layout:
             x_axes=live(self.x_axes), attention=self.attention, kv_heads=live(self.kv_heads),
             kv_weight_axes=live(self.kv_weight_axes), attn_batch=live(self.attn_batch))
 
+    def program_key(self) -> tuple:
+        """What tells two layouts' programs apart: the mesh, the stored weights' mesh axes and
+        every collective point, size-1 axes dropped (wg-xyz on a mesh whose z is 1 is wg-xy)."""
+        return (self.mesh, self.weight_rules().mapping, self.collectives())
+
     def check(self, cfg: ModelConfig, batch: int | None = None) -> None:
         """Raise `ShardingError` naming the dim that the mesh does not divide."""
         layer = self.collectives()  # residual d_model: `BLE_xyz` in WS, `B_G L E_rest` in WG

@@ -15,6 +15,7 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.engine_sim import AttentionCost, StepPricer, WorkloadRequest, simulate
 from partitioning import calibrate
 from partitioning.hardware import cpu_profile
+from partitioning.layouts import resolve
 from partitioning.mesh import MeshShape
 from partitioning.plan import PhasePlan, Plan
 from partitioning.planner import PlanningError
@@ -294,3 +295,18 @@ def test_engine_planner_searches_slot_grouped_layouts():
             assert c.config.max_seqs == 8 and c.num_pages % 8 == 0
     keys = [(c.plan.layout, c.plan.attention, c.config.max_seqs) for c in result.candidates]
     assert len(keys) == len(set(keys))  # one mesh per layout and attention
+
+
+def test_engine_planner_lists_each_program_once():
+    """wg-xyz on a mesh whose z is 1 gathers over x and y only: the program of wg-xy, listed
+    once; with z > 1 they differ and both are listed."""
+    hw = cpu_profile(_synthetic(), 8)
+    flat, cube = MeshShape(2, 4, 1), MeshShape(2, 2, 2)
+    key = lambda layout, mesh: resolve(PhasePlan("decode", layout, "heads", mesh),
+                                       GROUPED_CFG).program_key()
+    assert key("wg-xyz", flat) == key("wg-xy", flat) and key("wg-xyz", cube) != key("wg-xy", cube)
+    names = lambda mesh: [(p.layout, p.attention) for p in engine_planner.engine_plans(
+        GROUPED_CFG, 8, hw, meshes=[mesh])]
+    assert ("wg-xy", "heads") in names(flat) and ("wg-xyz", "heads") not in names(flat)
+    assert {("wg-xy", "heads"), ("wg-xyz", "heads")} <= set(names(cube))
+    assert len(names(flat)) == len(set(names(flat)))
