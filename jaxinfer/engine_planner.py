@@ -124,10 +124,9 @@ def engine_plans(cfg: ModelConfig, chips: int, hw: HardwareProfile, meshes=None)
         if chips == 1 and (plan.layout, plan.attention) != ("1d-ws", "heads"):
             continue  # one chip: every layout is the same program
         try:
-            groups = slot_groups(cfg, plan)
-            if invalid_reason(cfg, plan, groups):
-                continue
             layout = resolve(plan, cfg)
+            if invalid_reason(cfg, plan, slot_groups(layout)):
+                continue
             layout.check(cfg)
         except ShardingError:
             continue

@@ -58,7 +58,7 @@ from jaxinfer.engine.groups import new_scheduler
 from partitioning.cost_model import Workload, kv_cache_bytes_per_chip
 from partitioning.efficiency import ExpectedStep, evaluate, step_terms
 from partitioning.hardware import HardwareProfile
-from partitioning.layouts import resolve
+from partitioning.layouts import Layout, resolve
 from partitioning.plan import PhasePlan
 
 ATTENTION_KINDS = ("pages", "measured")
@@ -108,11 +108,9 @@ class StepCost:
     """'measured' attention (0 for 'pages': inside `dense`)."""
 
 
-def slot_groups(cfg: ModelConfig, plan: PhasePlan) -> int:
-    """The engine's slot groups under `plan`: its attention batch shards (1 with heads-sharded
-    attention on a weight-stationary layout); a layout the model cannot take is the
-    `ShardingError` naming why."""
-    layout = resolve(plan, cfg)
+def slot_groups(layout: Layout) -> int:
+    """The engine's slot groups under a resolved layout: its attention batch shards (1 with
+    heads-sharded attention on a weight-stationary layout)."""
     return layout.size(layout.attn_batch)
 
 
@@ -126,7 +124,7 @@ class StepPricer:
                  kv_bytes: float = 4.0):
         layout = resolve(plan, cfg)
         self.cfg, self.plan, self.hw, self.attention = cfg, plan, hw, attention
-        self.groups = slot_groups(cfg, plan)
+        self.groups = slot_groups(layout)
         # chips one sequence's query heads are split over inside attention
         self.heads_split = (layout.size(layout.model_axes + layout.x_axes)
                             if plan.attention == "heads" else 1)

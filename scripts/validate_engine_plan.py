@@ -90,7 +90,7 @@ def parse_args():
     return args
 
 
-def plan_groups(cfg, plans, layouts: str | None) -> list[list]:
+def plans_per_row(cfg, plans, layouts: str | None) -> list[list]:
     """The plans the planner picks among, per validated row: every plan, or each
     LAYOUT/ATTENTION's plans."""
     if layouts is None:
@@ -127,7 +127,7 @@ def main() -> int:
     for index in args.workloads:
         name, spec = WORKLOADS[index]
         requests = engine_planner.parse_workload(spec.format(n=args.n, seed=0), cfg.vocab_size)
-        for chosen in plan_groups(cfg, plans, args.layouts):
+        for chosen in plans_per_row(cfg, plans, args.layouts):
             t0 = time.perf_counter()
             best = engine_planner.plan_engine(cfg, requests, hw, chosen, attention,
                                               figures["call_overhead_s"]).best
